@@ -1,0 +1,241 @@
+"""Hugging Face model (folder or GGUF) -> NanoQuant GGUF. The command line is convert/convert-hf-to-nq-gguf.py.
+
+Pipeline per decoder block, in the method's layer order: (block reconstruction stages slot in around) the
+Hessian-aware ADMM initialisation of each linear layer. Statistics come from calibration text once, up front.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import formats
+from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
+from .architectures import Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name, gguf_row_permutation
+from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows
+from .gguf_writer import NQLayerTensors, write_nq_gguf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LLAMA_CPP_DIR = Path(os.environ.get("NANOQUANT_LLAMA_CPP", REPO_ROOT / "vendor" / "llama.cpp"))
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    bpw: float = 1.0
+    calib_text: Path = DEFAULT_CALIBRATION_TEXT
+    calib_windows: int = 32
+    calib_window_tokens: int = 512
+    seed: int = 0
+    shrinkage: float | None = None  # None: the architecture's value
+    admm: AdmmSettings = AdmmSettings()
+    other_type: str = "Q8_0"
+    threads: int = 0
+
+
+PRESETS: dict[str, dict] = {
+    # measured on a 2-core CPU with SmolLM2-135M: see README
+    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=40),
+    "standard": dict(calib_windows=64, calib_window_tokens=512, admm_iterations=100),
+    "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400),
+}
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+@dataclass
+class LayerReport:
+    name: str
+    d_out: int
+    d_in: int
+    rank: int
+    bpw: float
+    rel_error: float
+    weighted_error: float
+
+
+@dataclass
+class Source:
+    model: torch.nn.Module
+    tokenizer: object
+    config: object
+    arch: Architecture
+    base_gguf: Path
+
+
+def _model_type(model_path: Path) -> str:
+    if model_path.is_dir():
+        config_path = model_path / "config.json"
+        if not config_path.is_file():
+            raise ConversionError(f"{model_path}: not a Hugging Face model folder (no config.json)")
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        if model_type is None:
+            raise ConversionError(f"{config_path}: has no model_type")
+        return model_type
+    if model_path.is_file():
+        try:
+            reader = gguf.GGUFReader(model_path)
+            gguf_arch = reader.fields["general.architecture"].contents()
+        except Exception as e:
+            raise ConversionError(f"{model_path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        return {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}.get(gguf_arch, gguf_arch)
+    raise ConversionError(f"{model_path}: no such file or folder")
+
+
+def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
+    """llama.cpp's own converter gives the metadata, tokenizer, embeddings and norms exactly as llama.cpp wants them."""
+    script = LLAMA_CPP_DIR / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ConversionError(f"{script} not found: run `make setup` (or set NANOQUANT_LLAMA_CPP)")
+    out = work_dir / "base-f32.gguf"
+    cmd = [sys.executable, str(script), str(model_path), "--outtype", "f32", "--outfile", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConversionError(f"{model_path}: llama.cpp's convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def load_source(model_path: Path, work_dir: Path) -> Source:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
+    if model_path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        base = _base_gguf_from_hf(model_path, work_dir)
+    else:  # a GGUF: its dequantised weights are the teacher, its metadata and small tensors the base
+        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+        base = model_path
+    model.eval()
+    return Source(model, tokenizer, model.config, arch, base)
+
+
+def quantize_model(source: Source, settings: ConvertSettings) -> tuple[list[NQLayerTensors], list[LayerReport]]:
+    model, config, arch = source.model, source.config, source.arch
+    n_layers = config.num_hidden_layers
+    names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
+    windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
+                                  settings.calib_window_tokens, settings.seed)
+    stats = StatsCollector(names).collect(model, windows)
+    gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+
+    tensors, reports = [], []
+    progress = tqdm(total=len(names), desc="ADMM init", unit="layer")
+    for i in range(n_layers):
+        # block reconstruction (error mitigation, STE tuning) wraps this loop in the full pipeline
+        for linear in arch.linears:
+            name = f"model.layers.{i}.{linear}"
+            weight = model.get_submodule(name).weight.detach().float()
+            d_out, d_in = weight.shape
+            rank = formats.rank_for_bpw(d_out, d_in, settings.bpw)
+            pre_in, pre_out = stats[name].preconditioners(gamma)
+            layer = factorize(weight, rank, pre_in, pre_out, settings.admm)
+            approx = layer.dense()
+            weighted = relative_error(pre_out[:, None] * weight * pre_in[None, :],
+                                      pre_out[:, None] * approx * pre_in[None, :])
+            bits = formats.LayerBits(d_out, d_in, rank)
+            reports.append(LayerReport(name, d_out, d_in, rank, bits.bpw, relative_error(weight, approx), weighted))
+            tensors.append(_to_file_order(arch, config, n_layers, name, linear, layer))
+            progress.update(1)
+    progress.close()
+    return tensors, reports
+
+
+def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary) -> NQLayerTensors:
+    u, s_post = layer.u.numpy(), layer.s_post.numpy()
+    perm = gguf_row_permutation(arch, linear, u.shape[0], config)
+    if perm is not None:
+        u, s_post = u[perm], s_post[perm]
+    return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u, v=layer.v.numpy(),
+                          s_pre=layer.s_pre.numpy(), s_post=s_post)
+
+
+def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None:
+    print(f"\n{'layer':<34} {'shape':>11} {'rank':>5} {'bpw':>6} {'rel.err':>8} {'D-w.err':>8}")
+    for r in reports:
+        print(f"{r.name:<34} {f'{r.d_out}x{r.d_in}':>11} {r.rank:>5} {r.bpw:>6.3f} {r.rel_error:>8.4f} "
+              f"{r.weighted_error:>8.4f}")
+    bpw = formats.realized_bpw([formats.LayerBits(r.d_out, r.d_in, r.rank) for r in reports])
+    mean_err = float(np.mean([r.rel_error for r in reports]))
+    print(f"\nquantized layers: {len(reports)}, realized bpw {bpw:.4f}, mean relative error {mean_err:.4f}")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"wrote {out} ({out.stat().st_size:,} bytes) in {seconds:.0f} s, peak RSS {peak_mib:.0f} MiB")
+
+
+def convert(model_path: Path, out_path: Path, settings: ConvertSettings) -> list[LayerReport]:
+    start = time.time()
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
+    with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
+        source = load_source(model_path, Path(tmp))
+        tensors, reports = quantize_model(source, settings)
+        metadata = {
+            formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
+            formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
+        }
+        write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
+    print_summary(reports, out_path, time.time() - start)
+    return reports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Convert a Hugging Face model (folder or GGUF) into a NanoQuant GGUF.")
+    p.add_argument("model", type=Path, help="Hugging Face model folder (config, safetensors, tokenizer) or a GGUF file")
+    p.add_argument("--outfile", type=Path, required=True, help="output GGUF path")
+    p.add_argument("--bpw", type=float, default=1.0, help="target bits per weight of the decoder linear layers")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="calibration and ADMM effort")
+    p.add_argument("--calib", type=Path, default=None, help=f"calibration text (default {DEFAULT_CALIBRATION_TEXT})")
+    p.add_argument("--calib-windows", type=int, default=None, help="number of calibration windows")
+    p.add_argument("--calib-window-tokens", type=int, default=None, help="tokens per calibration window")
+    p.add_argument("--admm-iterations", type=int, default=None, help="ADMM outer iterations")
+    p.add_argument("--shrinkage", type=float, default=None, help="Hessian-diagonal shrinkage (default: per family)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--other-type", default="Q8_0", help="ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
+    preset = dict(PRESETS[args.preset])
+    for key in ("calib_windows", "calib_window_tokens", "admm_iterations"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
+        raise ConversionError(f"--other-type: unknown ggml type '{args.other_type}'")
+    return ConvertSettings(
+        bpw=args.bpw, calib_text=args.calib or DEFAULT_CALIBRATION_TEXT, calib_windows=preset["calib_windows"],
+        calib_window_tokens=preset["calib_window_tokens"], seed=args.seed, shrinkage=args.shrinkage,
+        admm=AdmmSettings(iterations=preset["admm_iterations"], seed=args.seed), other_type=args.other_type,
+        threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        if not settings.calib_text.is_file():
+            raise ConversionError(f"--calib: {settings.calib_text} not found")
+        if args.outfile.parent and not args.outfile.parent.exists():
+            args.outfile.parent.mkdir(parents=True)
+        convert(args.model, args.outfile, settings)
+    except (ConversionError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
+        print(f"convert-hf-to-nq-gguf: error: {e}", file=sys.stderr)
+        return 2
+    return 0

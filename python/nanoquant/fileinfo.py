@@ -1,0 +1,61 @@
+"""What a NanoQuant GGUF holds: its layers, ranks and the bits they take, counted from the file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import formats
+from .reference import NQFormatError, open_gguf
+
+
+@dataclass
+class NQLayerInfo:
+    base: str
+    d_out: int
+    d_in: int
+    rank: int
+    bits: int
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / (self.d_out * self.d_in)
+
+
+@dataclass
+class FileInfo:
+    path: Path
+    architecture: str
+    size_bytes: int
+    layers: list[NQLayerInfo]
+    dense_parameters: int  # parameters of the equivalent dense model (each NQ layer counted as d_out x d_in)
+
+    @property
+    def bpw_linear(self) -> float:
+        """Bits of the NanoQuant tensors (signs and scales) per weight of the layers they replace."""
+        return sum(l.bits for l in self.layers) / max(1, sum(l.d_out * l.d_in for l in self.layers))
+
+    @property
+    def bpw_file(self) -> float:
+        return 8 * self.size_bytes / self.dense_parameters
+
+
+def describe(path: Path) -> FileInfo:
+    path = Path(path)
+    reader = open_gguf(path)
+    by_name = {t.name: t for t in reader.tensors}
+    layers, dense = [], 0
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if suffix == formats.SUFFIX_V:
+            u = by_name.get(f"{base}.{formats.SUFFIX_U}")
+            if u is None:
+                raise NQFormatError(f"{path}: {t.name} has no matching {base}.{formats.SUFFIX_U}")
+            d_in, rank = int(t.shape[0]), int(t.shape[1])
+            d_out = int(u.shape[1])
+            bits = sum(8 * int(by_name[f"{base}.{s}"].n_bytes) for s in formats.SUFFIXES if f"{base}.{s}" in by_name)
+            layers.append(NQLayerInfo(base, d_out, d_in, rank, bits))
+            dense += d_out * d_in
+        elif suffix not in formats.SUFFIXES:
+            dense += int(t.n_elements)
+    arch = reader.fields["general.architecture"].contents()
+    return FileInfo(path, arch, path.stat().st_size, layers, dense)

@@ -1,0 +1,99 @@
+"""The NQ1 storage format and the bit accounting of NanoQuant layers.
+
+NQ1 (see cpp/nq1.h): rows of signs, 32 per 4-byte block, element k of a block in bit k of the little-endian word,
+bit 1 = -1. A NanoQuant layer ``W (d_out x d_in)`` is stored as GGUF tensors next to its base name:
+
+=============  =================  ===========  ==========================================
+suffix         ggml shape (ne)    type         meaning
+=============  =================  ===========  ==========================================
+``nq_v``       [d_in, r]          NQ1          V, r x d_in signs (one row per rank)
+``nq_u``       [r, d_out]         NQ1          U, d_out x r signs
+``nq_s_pre``   [d_in]             F32          input-channel scale (optional)
+``nq_s_mid``   [r]                F32          rank scale (optional, DBF-style layers)
+``nq_s_post``  [d_out]            F32          output-channel scale (optional)
+=============  =================  ===========  ==========================================
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+NQ1 = GGMLQuantizationType.NQ1
+NQ1_FTYPE = LlamaFileType.MOSTLY_NQ1
+BLOCK = 32
+RANK_MULTIPLE = 32
+SCALE_TYPE = GGMLQuantizationType.F32
+SCALE_BITS = 32  # CPU ggml_mul cannot take F16 scales against F32 activations, so scales are stored as F32
+
+SUFFIX_V, SUFFIX_U = "nq_v", "nq_u"
+SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST = "nq_s_pre", "nq_s_mid", "nq_s_post"
+SUFFIXES = (SUFFIX_V, SUFFIX_U, SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
+
+KEY_VERSION = "nanoquant.version"
+KEY_TARGET_BPW = "nanoquant.target_bpw"
+FORMAT_VERSION = 1
+
+
+def pack_signs(signs: np.ndarray) -> np.ndarray:
+    """(rows, cols) array of signs (negative -> bit 1; zero counts as +1) -> (rows, cols/8) uint8 NQ1 rows."""
+    signs = np.asarray(signs)
+    if signs.ndim != 2 or signs.shape[1] % BLOCK:
+        raise ValueError(f"pack_signs: expected a 2-D array with a multiple of {BLOCK} columns, got {signs.shape}")
+    return np.packbits(signs < 0, axis=1, bitorder="little")
+
+
+def unpack_signs(packed: np.ndarray, cols: int) -> np.ndarray:
+    """(rows, cols/8) uint8 NQ1 rows -> (rows, cols) float32 array of +-1."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.ndim != 2 or packed.shape[1] * 8 != cols:
+        raise ValueError(f"unpack_signs: expected {cols // 8} bytes per row for {cols} signs, got {packed.shape}")
+    bits = np.unpackbits(packed, axis=1, bitorder="little")
+    return (1.0 - 2.0 * bits).astype(np.float32)
+
+
+def rank_for_bpw(d_out: int, d_in: int, bpw: float, scale_bits: int = SCALE_BITS, n_scales: int = 2) -> int:
+    """The method's rank rule, counting the scales at the width they are stored with, so realized bpw <= target.
+
+    r = floor32(bpw * m n / (m + n) - scale_bits), at least 32, at most min(m, n) rounded down to 32.
+    """
+    if bpw <= 0:
+        raise ValueError(f"bpw must be positive, got {bpw}")
+    if n_scales == 2:
+        r_real = bpw * d_out * d_in / (d_out + d_in) - scale_bits
+    else:  # with s_mid: b m n = r (m + n) + bits (m + n + r)
+        r_real = (bpw * d_out * d_in - scale_bits * (d_out + d_in)) / (d_out + d_in + scale_bits)
+    cap = (min(d_out, d_in) // RANK_MULTIPLE) * RANK_MULTIPLE
+    r = int(math.floor(r_real / RANK_MULTIPLE)) * RANK_MULTIPLE
+    return max(RANK_MULTIPLE, min(r, cap))
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    d_out: int
+    d_in: int
+    rank: int
+    has_s_pre: bool = True
+    has_s_mid: bool = False
+    has_s_post: bool = True
+
+    @property
+    def bits(self) -> int:
+        signs = self.rank * (self.d_out + self.d_in)
+        scales = SCALE_BITS * (self.d_in * self.has_s_pre + self.rank * self.has_s_mid + self.d_out * self.has_s_post)
+        return signs + scales
+
+    @property
+    def weights(self) -> int:
+        return self.d_out * self.d_in
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / self.weights
+
+
+def realized_bpw(layers: list[LayerBits]) -> float:
+    """Bits of all NanoQuant tensors divided by the dense weights they replace (the method's model bpw)."""
+    return sum(layer.bits for layer in layers) / sum(layer.weights for layer in layers)

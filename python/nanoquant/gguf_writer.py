@@ -1,0 +1,92 @@
+"""Write a NanoQuant GGUF: the base file's metadata and non-linear tensors plus the NQ tensors of each layer.
+
+The file is written under a temporary name next to the target and renamed only once complete.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize
+
+from . import formats
+
+
+@dataclass
+class NQLayerTensors:
+    """A factorised layer in llama.cpp's row order, ready to store."""
+    base: str               # e.g. blk.3.attn_q
+    u: np.ndarray           # d_out x r signs
+    v: np.ndarray           # r x d_in signs
+    s_pre: np.ndarray | None
+    s_post: np.ndarray | None
+    s_mid: np.ndarray | None = None
+
+
+def _requantize(name: str, t, target: GGMLQuantizationType):
+    """(data, raw_dtype) of a base tensor in the requested type; 1-D tensors and norms stay F32."""
+    if t.tensor_type == target:
+        return np.asarray(t.data), t.tensor_type
+    values = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
+    values = values.reshape([int(x) for x in reversed(t.shape)])
+    block, _ = gguf.GGML_QUANT_SIZES[target]
+    if values.ndim < 2 or name.endswith("norm.weight") or values.shape[-1] % block:
+        return values, GGMLQuantizationType.F32
+    if target in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return values.astype(np.float32 if target == GGMLQuantizationType.F32 else np.float16), target
+    from . import _core  # ggml's own quantizers, so every ggml type is available
+
+    rows = values.reshape(-1, values.shape[-1])
+    packed = _core.quantize_rows(rows, int(target))
+    return packed.reshape(*values.shape[:-1], packed.shape[-1]), target
+
+
+def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], other_type: GGMLQuantizationType,
+                  extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
+    base_path, out_path = Path(base_path), Path(out_path)
+    reader = GGUFReader(base_path)
+    arch = reader.fields["general.architecture"].contents()
+    replaced = {f"{layer.base}.weight" for layer in layers}
+    missing = sorted(replaced - {t.name for t in reader.tensors})
+    if missing:
+        raise ValueError(f"{base_path}: has no tensors {', '.join(missing[:5])} to replace")
+
+    tmp_path = out_path.with_name(out_path.name + ".partial")
+    writer = GGUFWriter(tmp_path, arch)
+    try:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type") \
+                    or field.name in extra_metadata:
+                continue
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        writer.add_file_type(int(formats.NQ1_FTYPE))
+        for key, (value, vtype) in extra_metadata.items():
+            writer.add_key_value(key, value, vtype)
+
+        for t in reader.tensors:
+            if t.name in replaced:
+                continue
+            data, dtype = _requantize(t.name, t, other_type)
+            writer.add_tensor(t.name, data, raw_dtype=dtype)
+        for layer in layers:
+            writer.add_tensor(f"{layer.base}.{formats.SUFFIX_V}", formats.pack_signs(layer.v), raw_dtype=formats.NQ1)
+            writer.add_tensor(f"{layer.base}.{formats.SUFFIX_U}", formats.pack_signs(layer.u), raw_dtype=formats.NQ1)
+            for suffix, s in ((formats.SUFFIX_S_PRE, layer.s_pre), (formats.SUFFIX_S_MID, layer.s_mid),
+                              (formats.SUFFIX_S_POST, layer.s_post)):
+                if s is not None:
+                    writer.add_tensor(f"{layer.base}.{suffix}", np.ascontiguousarray(s, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=True)
+        writer.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        writer.close()
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,202 @@
+"""Python reference forward of a NanoQuant GGUF: a transformers model whose NanoQuant layers are torch modules.
+
+It loads the file with gguf-py (no llama.cpp code), so comparing its perplexity with llama-perplexity checks the
+whole C++ path: packing, the NQ1 kernels, the loader hook and the graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from . import formats
+from .architectures import Architecture, architecture_for, gguf_base_name, gguf_row_permutation
+
+
+class NQFormatError(ValueError):
+    """A file that is not a valid NanoQuant GGUF; the message names the file and the tensor."""
+
+
+class LowRankBinaryLinear(torch.nn.Module):
+    """y = s_post * (U (s_mid * (V (s_pre * x)))) + bias, with U and V held as +-1 float matrices."""
+
+    def __init__(self, u, v, s_pre=None, s_mid=None, s_post=None, bias=None):
+        super().__init__()
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
+        for name, t in (("s_pre", s_pre), ("s_mid", s_mid), ("s_post", s_post), ("bias", bias)):
+            self.register_buffer(name, t)
+        self.in_features, self.out_features = v.shape[1], u.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.s_pre is not None:
+            x = x * self.s_pre
+        t = x @ self.v.T
+        if self.s_mid is not None:
+            t = t * self.s_mid
+        y = t @ self.u.T
+        if self.s_post is not None:
+            y = y * self.s_post
+        return y if self.bias is None else y + self.bias
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf-py raises assorted errors on truncated or corrupt files
+        raise NQFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class NQTensors:
+    """The NanoQuant tensors of one layer, as numpy arrays in file order."""
+    v: np.ndarray
+    u: np.ndarray
+    s_pre: np.ndarray | None
+    s_mid: np.ndarray | None
+    s_post: np.ndarray | None
+
+
+def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
+    """Base name -> validated NanoQuant tensors of every low-rank binary layer in the file."""
+    by_name = {t.name: t for t in reader.tensors}
+    layers: dict[str, NQTensors] = {}
+    for name, t in by_name.items():
+        if not name.endswith("." + formats.SUFFIX_V):
+            continue
+        base = name[: -len(formats.SUFFIX_V) - 1]
+        u_t = by_name.get(f"{base}.{formats.SUFFIX_U}")
+        if u_t is None:
+            raise NQFormatError(f"{path}: {name} has no matching {base}.{formats.SUFFIX_U}")
+        for tensor in (t, u_t):
+            if tensor.tensor_type != GGMLQuantizationType.NQ1:
+                raise NQFormatError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, expected NQ1")
+        d_in, rank = (int(x) for x in t.shape[:2])
+        u_rank, d_out = (int(x) for x in u_t.shape[:2])
+        if u_rank != rank:
+            raise NQFormatError(f"{path}: tensor {u_t.name} has rank {u_rank} but {name} has rank {rank}")
+        scales = {}
+        for suffix, size in ((formats.SUFFIX_S_PRE, d_in), (formats.SUFFIX_S_MID, rank), (formats.SUFFIX_S_POST, d_out)):
+            s = by_name.get(f"{base}.{suffix}")
+            if s is not None and (s.tensor_type != GGMLQuantizationType.F32 or int(s.n_elements) != size):
+                raise NQFormatError(f"{path}: tensor {s.name} must be F32 with {size} values, got "
+                                    f"{s.tensor_type.name} with {int(s.n_elements)}")
+            scales[suffix] = None if s is None else np.array(s.data, dtype=np.float32).reshape(size)
+        layers[base] = NQTensors(
+            v=formats.unpack_signs(np.asarray(t.data).reshape(rank, d_in // 8), d_in),
+            u=formats.unpack_signs(np.asarray(u_t.data).reshape(d_out, rank // 8), rank),
+            s_pre=scales[formats.SUFFIX_S_PRE], s_mid=scales[formats.SUFFIX_S_MID], s_post=scales[formats.SUFFIX_S_POST])
+    return layers
+
+
+def _tensor_as_float(t) -> np.ndarray:
+    data = dequantize(np.asarray(t.data), t.tensor_type)
+    return np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def load_reference_model(path: Path):
+    """(model, tokenizer, architecture) for an NQ GGUF, NanoQuant layers as LowRankBinaryLinear."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    reader = open_gguf(path)
+    layers = nq_layers(reader, path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise NQFormatError(f"{path}: transformers could not read its metadata ({type(e).__name__}: {e})") from e
+    arch = architecture_for(config.model_type)
+    by_name = {t.name: t for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in by_name
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    used: set[str] = set()
+    for i in range(config.num_hidden_layers):
+        for linear in arch.linears:
+            hf_name = f"model.layers.{i}.{linear}"
+            base = gguf_base_name(arch, config.num_hidden_layers, hf_name)
+            nq = layers.get(base)
+            if nq is None:
+                continue
+            parent, child = hf_name.rsplit(".", 1)
+            dense = model.get_submodule(hf_name)
+            u, s_post = nq.u, nq.s_post
+            perm = gguf_row_permutation(arch, linear, u.shape[0], config)
+            if perm is not None:  # back to Hugging Face's row order
+                inv = np.argsort(perm)
+                u = u[inv]
+                s_post = None if s_post is None else s_post[inv]
+            bias = by_name.get(f"{base}.bias")
+            module = LowRankBinaryLinear(
+                torch.from_numpy(u), torch.from_numpy(nq.v),
+                *(None if s is None else torch.from_numpy(np.ascontiguousarray(s)) for s in (nq.s_pre, nq.s_mid, s_post)),
+                bias=None if bias is None else torch.from_numpy(_tensor_as_float(bias).reshape(-1)))
+            if (module.out_features, module.in_features) != (dense.out_features, dense.in_features):
+                raise NQFormatError(f"{path}: {base} is {module.out_features}x{module.in_features}, the model "
+                                    f"expects {dense.out_features}x{dense.in_features}")
+            setattr(model.get_submodule(parent), child, module)
+            used.update(f"{base}.{s}" for s in formats.SUFFIXES + ("bias",))
+
+    name_map = __import__("gguf").get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    state = {}
+    for hf_name, param in list(model.named_parameters()):
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None or gguf_name not in by_name:
+            raise NQFormatError(f"{path}: no tensor for {hf_name} (looked for {gguf_name})")
+        data = _tensor_as_float(by_name[gguf_name])
+        if tuple(data.shape) != tuple(param.shape):
+            raise NQFormatError(f"{path}: tensor {gguf_name} has shape {data.shape}, expected {tuple(param.shape)}")
+        state[hf_name] = torch.from_numpy(data)
+        used.add(gguf_name)
+    unused = sorted(set(by_name) - used - {"rope_freqs.weight"})
+    if unused:
+        raise NQFormatError(f"{path}: tensors not used by a {arch.gguf_arch_name} model: {', '.join(unused[:5])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model, tokenizer, arch
+
+
+def perplexity_tokens(tokenizer, text: str, add_bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if add_bos else []) + ids
+
+
+@torch.no_grad()
+def perplexity(model, tokens: list[int], n_ctx: int = 512, n_chunks: int | None = None,
+               bos_id: int | None = None) -> float:
+    """llama-perplexity's protocol: chunks of n_ctx tokens, the second half of each scored, BOS as first token."""
+    n_available = len(tokens) // n_ctx
+    n = n_available if n_chunks is None else min(n_chunks, n_available)
+    if n == 0:
+        raise ValueError(f"need at least {n_ctx} tokens, got {len(tokens)}")
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    for c in range(n):
+        chunk = torch.tensor(tokens[c * n_ctx:(c + 1) * n_ctx])
+        inputs = chunk.clone()
+        if bos_id is not None:
+            inputs[0] = bos_id
+        logits = model(input_ids=inputs[None], use_cache=False).logits[0].double()
+        logprobs = torch.log_softmax(logits[first:n_ctx - 1], dim=-1)
+        targets = chunk[first + 1:n_ctx]
+        nll -= float(logprobs.gather(1, targets[:, None]).sum())
+        count += targets.numel()
+    return math.exp(nll / count)
+
+
+def gguf_add_bos(reader: GGUFReader) -> bool:
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field.contents()) if field is not None else False
