@@ -150,6 +150,7 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "NQ1 packing and low-rank binary products through the patched ggml";
+    ggml_cpu_init();  // fills the fp16 conversion tables the kernels read
     m.attr("NQ1_TYPE_ID") = NQ1_GGML_TYPE_ID;
     m.attr("NQ1_LLAMA_FTYPE_ID") = NQ1_LLAMA_FTYPE_ID;
     m.attr("NQ1_BLOCK_SIZE") = NQ1_BLOCK_SIZE;

@@ -115,6 +115,9 @@ def load_reference_model(path: Path):
     except Exception as e:
         raise NQFormatError(f"{path}: transformers could not read its metadata ({type(e).__name__}: {e})") from e
     arch = architecture_for(config.model_type)
+    key_length = reader.fields.get(f"{arch.gguf_arch_name}.attention.key_length")
+    if key_length is not None:  # transformers' GGUF config mapping drops an explicit head_dim
+        config.head_dim = int(key_length.contents())
     by_name = {t.name: t for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in by_name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

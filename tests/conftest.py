@@ -1,0 +1,86 @@
+"""Shared fixtures: paths of the build, the embedded model, tiny random models converted by the real converter."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / "build" / "bin"
+SMOL_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CONVERTER = REPO / "convert" / "convert-hf-to-nq-gguf.py"
+TINY_ARCHS = ("llama", "qwen3")
+
+
+def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    path = BIN / tool
+    assert path.is_file(), f"{path} is missing: `make test` builds it"
+    return subprocess.run([str(path), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def run_converter(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CONVERTER), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def llama_perplexity(model: Path, text_file: Path, n_ctx: int, chunks: int, *extra: str) -> float:
+    proc = run_tool("llama-perplexity", "-m", model, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
+                    "-t", "2", "-b", n_ctx, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    assert match, (proc.stdout + proc.stderr)[-3000:]
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(SMOL_GGUF.parent, gguf_file=SMOL_GGUF.name)
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory) -> Path:
+    """The start of WikiText-2 test: enough for a few 512-token chunks and quick to score."""
+    path = tmp_path_factory.mktemp("text") / "wiki-test-head.raw"
+    path.write_text(TEST_TEXT.read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    return path
+
+
+def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0) -> Path:
+    """A random 2-block model whose dims are multiples of 32 but not of 128, with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+
+    common = dict(hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=3,
+                  num_key_value_heads=1, head_dim=32, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    configs = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen3": lambda: Qwen3Config(**common),
+        "gpt2": lambda: GPT2Config(n_embd=96, n_layer=2, n_head=3, vocab_size=len(tokenizer)),
+    }
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[kind]())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
+    """Tiny llama and qwen3 models converted at 1.0 bpw by the converter's command line."""
+    out = {}
+    for kind in TINY_ARCHS:
+        work = tmp_path_factory.mktemp(f"tiny-{kind}")
+        hf_dir = make_tiny_model(kind, work / "hf", smol_tokenizer)
+        nq = work / f"{kind}-nq.gguf"
+        proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", "--calib-windows", "4",
+                             "--calib-window-tokens", "256", "--admm-iterations", "20")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[kind] = nq
+    return out

@@ -1,0 +1,99 @@
+"""Bad input ends in a clear error naming the problem and a non-zero exit: never a crash or a partial file."""
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model, run_converter, run_tool
+from nanoquant import formats
+from nanoquant.reference import NQFormatError, load_reference_model
+
+TOOLS = ("llama-completion", "llama-perplexity")
+
+
+def _load_with_tool(tool, path, text_file):
+    args = ["-m", path, "-t", "2"]
+    args += ["-f", text_file, "-c", "128", "--chunks", "1"] if tool == "llama-perplexity" else ["-p", "hi", "-n", "2",
+                                                                                                "-no-cnv"]
+    return run_tool(tool, *args, timeout=300)
+
+
+def _assert_clean_failure(proc, *needles):
+    assert proc.returncode > 0, f"expected a clean non-zero exit, got {proc.returncode}"  # < 0 would be a signal
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def truncated(tiny_nq_models, tmp_path_factory):
+    src = tiny_nq_models["llama"]
+    data = src.read_bytes()
+    path = tmp_path_factory.mktemp("bad") / "truncated.gguf"
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank_mismatch(tiny_nq_models, tmp_path_factory):
+    """blk.0.attn_q.nq_u one rank block wider than its nq_v."""
+    src = tiny_nq_models["llama"]
+    path = tmp_path_factory.mktemp("bad") / "rank-mismatch.gguf"
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(field.name, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name == "blk.0.attn_q.nq_u":
+            d_out, rank = int(t.shape[1]), int(t.shape[0])
+            signs = np.ones((d_out, rank + 32), dtype=np.float32)
+            writer.add_tensor(t.name, formats.pack_signs(signs), raw_dtype=formats.NQ1)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_truncated_file_fails_cleanly_in_tools(tool, truncated, eval_text):
+    _assert_clean_failure(_load_with_tool(tool, truncated, eval_text), "truncated.gguf")
+
+
+def test_truncated_file_raises_in_python(truncated):
+    with pytest.raises(NQFormatError, match="truncated.gguf"):
+        load_reference_model(truncated)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_rank_mismatch_fails_cleanly_in_tools(tool, rank_mismatch, eval_text):
+    _assert_clean_failure(_load_with_tool(tool, rank_mismatch, eval_text), "blk.0.attn_q.nq_u", "wrong shape")
+
+
+def test_rank_mismatch_raises_in_python(rank_mismatch):
+    with pytest.raises(NQFormatError, match=r"blk\.0\.attn_q\.nq_u has rank 64 but blk\.0\.attn_q\.nq_v has rank 32"):
+        load_reference_model(rank_mismatch)
+
+
+def test_unsupported_architecture(tmp_path, smol_tokenizer):
+    hf_dir = make_tiny_model("gpt2", tmp_path / "gpt2", smol_tokenizer)
+    out = tmp_path / "out.gguf"
+    proc = run_converter(hf_dir, "--outfile", out)
+    assert proc.returncode == 2
+    assert "model_type 'gpt2' is not supported" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.gguf*"))
+
+
+def test_missing_model_and_bad_arguments(tmp_path):
+    out = tmp_path / "out.gguf"
+    proc = run_converter(tmp_path / "nope", "--outfile", out)
+    assert proc.returncode == 2 and "nope: no such file or folder" in proc.stderr
+    proc = run_converter(tmp_path, "--outfile", out, "--other-type", "Q9_9")
+    assert proc.returncode == 2 and "--other-type" in proc.stderr
+    assert not out.exists()

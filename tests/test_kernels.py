@@ -1,0 +1,49 @@
+"""NQ1 kernels of ggml-cpu: the SIMD vec_dot equals the scalar reference, and the low-rank graph is right."""
+import numpy as np
+import pytest
+
+from nanoquant import _core, formats
+
+
+def _signs(rows, cols, rng):
+    s = np.where(rng.standard_normal((rows, cols)) < 0, -1.0, 1.0).astype(np.float32)
+    s[0] = -1.0  # all -1
+    if rows > 1:
+        s[1] = 1.0  # all +1
+    return s
+
+
+@pytest.mark.parametrize("n", [32, 96, 576, 1536])
+def test_simd_vec_dot_equals_scalar_reference(n):
+    rng = np.random.default_rng(n)
+    signs = _signs(9, n, rng)
+    acts = rng.standard_normal((5, n)).astype(np.float32) * rng.uniform(0.01, 10, (5, 1)).astype(np.float32)
+    acts[0] = 0.0
+    packed = formats.pack_signs(signs)
+    q8 = _core.quantize_rows(acts, _core.Q8_0_TYPE_ID)
+    simd = _core.vec_dot_nq1_q8_0(packed, q8, n)
+    scalar = _core.vec_dot_nq1_q8_0(packed, q8, n, reference=True)
+    np.testing.assert_array_equal(simd, scalar)
+    # and both equal the exact dot product with the dequantised activations
+    exact = signs.astype(np.float64) @ _core.dequantize_rows(q8, _core.Q8_0_TYPE_ID, n).astype(np.float64).T
+    np.testing.assert_allclose(scalar, exact, rtol=1e-5, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("d_out,d_in,rank,tokens,with_mid", [
+    (576, 576, 256, 1, False), (192, 576, 32, 3, False), (1536, 576, 160, 17, True), (96, 1536, 32, 2, False),
+    (32, 96, 160, 5, True),
+])
+def test_lowrank_binary_matmul_matches_float64(d_out, d_in, rank, tokens, with_mid):
+    rng = np.random.default_rng(d_out + d_in + rank)
+    v, u = _signs(rank, d_in, rng), _signs(d_out, rank, rng)
+    s_pre = rng.uniform(0.5, 2.0, d_in).astype(np.float32)
+    s_mid = rng.uniform(0.5, 2.0, rank).astype(np.float32) if with_mid else None
+    s_post = rng.uniform(0.001, 0.01, d_out).astype(np.float32)
+    x = rng.standard_normal((tokens, d_in)).astype(np.float32)
+    y = _core.lowrank_binary_matmul(x, formats.pack_signs(v), formats.pack_signs(u), s_pre, s_mid, s_post, 2)
+    t = (x.astype(np.float64) * s_pre) @ v.T.astype(np.float64)
+    if with_mid:
+        t = t * s_mid
+    ref = (t @ u.T.astype(np.float64)) * s_post
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert rel < 0.03, rel  # two Q8_0 activation quantizations, about 1% each

@@ -1,0 +1,30 @@
+"""The embedded default model, SmolLM2-135M-Instruct, at 1.0 bpw with a fast setting, runs in patched llama-cli."""
+import pytest
+
+from conftest import SMOL_GGUF, run_converter, run_tool
+from nanoquant.fileinfo import describe
+
+
+@pytest.fixture(scope="module")
+def smol_nq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smollm2-nq-1.0.gguf"
+    proc = run_converter(SMOL_GGUF, "--outfile", out, "--bpw", "1.0", "--preset", "fast",
+                         "--calib-windows", "8", "--admm-iterations", "15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "realized bpw" in proc.stdout
+    return out
+
+
+def test_realized_bpw_of_quantized_layers(smol_nq):
+    info = describe(smol_nq)
+    assert len(info.layers) == 30 * 7
+    assert 0.95 <= info.bpw_linear <= 1.0, info.bpw_linear
+    ranks = {(l.d_out, l.d_in): l.rank for l in info.layers}
+    assert ranks == {(576, 576): 256, (192, 576): 96, (1536, 576): 384, (576, 1536): 384}
+
+
+def test_llama_cli_answers_a_chat_prompt(smol_nq):
+    proc = run_tool("llama-cli", "-m", smol_nq, "-p", "What is the capital of France?", "-n", "24", "-st",
+                    "--temp", "0", "-t", "2", "--simple-io", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip()) > 0

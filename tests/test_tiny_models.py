@@ -1,0 +1,50 @@
+"""Tiny random llama and qwen3 models, converted by the CLI and run by patched llama.cpp tools."""
+import pytest
+
+from conftest import TINY_ARCHS, llama_perplexity, run_tool
+from nanoquant.fileinfo import describe
+from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity, perplexity_tokens
+
+N_CTX, CHUNKS = 512, 4
+
+
+@pytest.mark.parametrize("kind", TINY_ARCHS)
+def test_llama_perplexity_matches_reference_forward(kind, tiny_nq_models, eval_text):
+    path = tiny_nq_models[kind]
+    info = describe(path)
+    assert info.architecture == kind and len(info.layers) == 14
+    ppl_cpp = llama_perplexity(path, eval_text, N_CTX, CHUNKS)
+    model, tokenizer, _ = load_reference_model(path)
+    add_bos = gguf_add_bos(open_gguf(path))
+    tokens = perplexity_tokens(tokenizer, eval_text.read_text(encoding="utf-8"), add_bos)
+    ppl_py = perplexity(model, tokens, N_CTX, CHUNKS, tokenizer.bos_token_id if add_bos else None)
+    assert abs(ppl_cpp - ppl_py) / ppl_py < 0.01, (ppl_cpp, ppl_py)
+
+
+@pytest.mark.parametrize("kind", TINY_ARCHS)
+def test_tools_run_the_nq_model(kind, tiny_nq_models):
+    path = tiny_nq_models[kind]
+    proc = run_tool("llama-completion", "-m", path, "-p", "The capital of France is", "-n", "8", "--temp", "0",
+                    "-no-cnv", "-t", "2", "-v")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "file type   = NQ1 - NanoQuant low-rank binary" in proc.stderr  # the ftype llama.cpp prints for the file
+    bench = run_tool("llama-bench", "-m", path, "-p", "32", "-n", "8", "-r", "1", "-t", "2", "-o", "csv")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "NQ1" in bench.stdout
+
+
+def test_llama_quantize_requantizes_ordinary_tensors_and_copies_nq(tiny_nq_models, tmp_path):
+    src = tiny_nq_models["llama"]
+    out = tmp_path / "requant.gguf"
+    proc = run_tool("llama-quantize", src, out, "Q4_0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = open_gguf(src), open_gguf(out)
+    types_after = {t.name: t for t in after.tensors}
+    for t in before.tensors:
+        if ".nq_" in t.name:
+            assert types_after[t.name].tensor_type == t.tensor_type
+            assert bytes(types_after[t.name].data) == bytes(t.data)
+    run = run_tool("llama-completion", "-m", out, "-p", "Hello", "-n", "4", "-no-cnv", "-t", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    embd_before = next(t for t in before.tensors if t.name == "token_embd.weight")
+    assert embd_before.tensor_type.name == "Q8_0" and types_after["token_embd.weight"].tensor_type.name == "Q4_0"
