@@ -14,11 +14,16 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 def chat_once(bin_dir: Path, model: Path, prompt: str, n_predict: int = 64, threads: int = 2) -> str:
     """One non-interactive chat turn through llama-cli (the GGUF's chat template), greedy; returns the answer."""
     cmd = [str(bin_dir / "llama-cli"), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-st",
-           "--temp", "0", "-t", str(threads), "--no-display-prompt", "--simple-io", "-no-show-timings"]
+           "--temp", "0", "-t", str(threads), "--no-display-prompt", "--simple-io", "--no-show-timings"]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-cli failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
+    # llama-cli prints a banner, then "> prompt", the answer, and "Exiting..."
+    out = proc.stdout
+    marker = f"> {prompt}"
+    start = out.find(marker)
+    answer = out[start + len(marker):] if start >= 0 else out
+    return answer.split("Exiting...")[0].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
