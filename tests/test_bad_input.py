@@ -7,6 +7,7 @@ import pytest
 
 from conftest import make_tiny_model, run_converter, run_tool
 from nanoquant import formats
+from nanoquant.gguf_writer import copy_metadata
 from nanoquant.reference import NQFormatError, load_reference_model
 
 TOOLS = ("llama-completion", "llama-perplexity")
@@ -41,12 +42,7 @@ def rank_mismatch(tiny_nq_models, tmp_path_factory):
     path = tmp_path_factory.mktemp("bad") / "rank-mismatch.gguf"
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        writer.add_key_value(field.name, field.contents(), vtype,
-                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    copy_metadata(reader, writer)
     for t in reader.tensors:
         if t.name == "blk.0.attn_q.nq_u":
             d_out, rank = int(t.shape[1]), int(t.shape[0])

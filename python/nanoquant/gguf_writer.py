@@ -45,6 +45,16 @@ def _requantize(name: str, t, target: GGMLQuantizationType):
     return packed.reshape(*values.shape[:-1], packed.shape[-1]), target
 
 
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str] = frozenset()) -> None:
+    """Every key of `reader` except GGUF's own, the architecture (the writer sets it) and `skip`."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in skip:
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+
+
 def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], other_type: GGMLQuantizationType,
                   extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
     base_path, out_path = Path(base_path), Path(out_path)
@@ -58,13 +68,7 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     tmp_path = out_path.with_name(out_path.name + ".partial")
     writer = GGUFWriter(tmp_path, arch)
     try:
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type") \
-                    or field.name in extra_metadata:
-                continue
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        copy_metadata(reader, writer, skip={"general.file_type", *extra_metadata})
         writer.add_file_type(int(formats.NQ1_FTYPE))
         for key, (value, vtype) in extra_metadata.items():
             writer.add_key_value(key, value, vtype)
