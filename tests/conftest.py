@@ -19,8 +19,9 @@ TINY_ARCHS = ("llama", "qwen3")
 def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     path = BIN / tool
     assert path.is_file(), f"{path} is missing: `make test` builds it"
-    return subprocess.run([str(path), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    # random tiny models can emit bytes that are not UTF-8
+    return subprocess.run([str(path), *map(str, args)], capture_output=True, text=True, errors="replace",
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def run_converter(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:

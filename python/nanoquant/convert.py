@@ -6,6 +6,7 @@ Hessian-aware ADMM initialisation of each linear layer. Statistics come from cal
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -25,7 +26,9 @@ from tqdm import tqdm
 from . import formats
 from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
 from .architectures import Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name, gguf_row_permutation
-from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows
+from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
+from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
+                          capture_block_inputs, distill_scales, run_block_batched, tune_block)
 from .gguf_writer import NQLayerTensors, write_nq_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,15 +44,20 @@ class ConvertSettings:
     seed: int = 0
     shrinkage: float | None = None  # None: the architecture's value
     admm: AdmmSettings = AdmmSettings()
+    tune: TuneSettings = TuneSettings()
+    distill: DistillSettings = DistillSettings()
     other_type: str = "Q8_0"
     threads: int = 0
 
 
 PRESETS: dict[str, dict] = {
     # measured on a 2-core CPU with SmolLM2-135M: see README
-    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=40),
-    "standard": dict(calib_windows=64, calib_window_tokens=512, admm_iterations=100),
-    "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400),
+    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=40, dense_steps=0, factor_steps=0,
+                 distill_steps=0),
+    "standard": dict(calib_windows=64, calib_window_tokens=512, admm_iterations=100, dense_steps=0,
+                     factor_steps=0, distill_steps=0),
+    "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
+                  factor_steps=1024, distill_steps=1024),
 }
 
 
@@ -126,34 +134,81 @@ def load_source(model_path: Path, work_dir: Path) -> Source:
     return Source(model, tokenizer, model.config, arch, base)
 
 
+def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def quantize_model(source: Source, settings: ConvertSettings) -> tuple[list[NQLayerTensors], list[LayerReport]]:
     model, config, arch = source.model, source.config, source.arch
+    model.requires_grad_(False)
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
                                   settings.calib_window_tokens, settings.seed)
     stats = StatsCollector(names).collect(model, windows)
     gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+    tune = settings.tune
+    data = capture_block_inputs(model, windows) if tune.enabled else None
+    teacher = copy.deepcopy(model) if settings.distill.steps > 0 else None
 
-    tensors, reports = [], []
-    progress = tqdm(total=len(names), desc="ADMM init", unit="layer")
+    tensors, reports, originals = [], [], {}
+    progress = tqdm(total=len(names), desc="quantize", unit="layer")
     for i in range(n_layers):
-        # block reconstruction (error mitigation, STE tuning) wraps this loop in the full pipeline
-        for linear in arch.linears:
+        block = model.model.layers[i]
+        originals.update({f"model.layers.{i}.{linear}": block.get_submodule(linear).weight.detach().clone()
+                          for linear in arch.linears})
+        if data is not None:
+            target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
+            sensitivity = shrink(stats[f"model.layers.{i}.{arch.sensitivity_linear}"].output_moment, gamma)
+            channel_weights = sensitivity / sensitivity.mean()
+        for j, linear in enumerate(arch.linears):
             name = f"model.layers.{i}.{linear}"
-            weight = model.get_submodule(name).weight.detach().float()
+            dense = block.get_submodule(linear)
+            if data is not None and tune.dense_steps > 0:  # step 1: the still-dense layers absorb upstream error
+                remaining = [block.get_submodule(other).weight for other in arch.linears[j:]]
+                for w in remaining:
+                    w.requires_grad_(True)
+                tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
+                           tune.dense_steps, tune.seed, tune.batch_windows)
+                for w in remaining:
+                    w.requires_grad_(False)
+            weight = dense.weight.detach().float()
             d_out, d_in = weight.shape
             rank = formats.rank_for_bpw(d_out, d_in, settings.bpw)
             pre_in, pre_out = stats[name].preconditioners(gamma)
             layer = factorize(weight, rank, pre_in, pre_out, settings.admm)
-            approx = layer.dense()
-            weighted = relative_error(pre_out[:, None] * weight * pre_in[None, :],
-                                      pre_out[:, None] * approx * pre_in[None, :])
-            bits = formats.LayerBits(d_out, d_in, rank)
-            reports.append(LayerReport(name, d_out, d_in, rank, bits.bpw, relative_error(weight, approx), weighted))
-            tensors.append(_to_file_order(arch, config, n_layers, name, linear, layer))
+            if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of this layer's signs and scales
+                trainable = TrainableLowRankBinary(layer, dense.bias)
+                _set_submodule(block, linear, trainable)
+                groups = [
+                    {"params": [trainable.u_latent], "lr": tune.latent_lr * float(trainable.u_latent.abs().mean())},
+                    {"params": [trainable.v_latent], "lr": tune.latent_lr * float(trainable.v_latent.abs().mean())},
+                    {"params": [trainable.pre_offset, trainable.post_offset], "lr": tune.scale_lr},
+                ]
+                tune_block(block, groups, data, target, channel_weights, tune.factor_steps, tune.seed,
+                           tune.batch_windows)
+                layer = trainable.finalize()
+            _set_submodule(block, linear, FrozenLowRankBinary(layer, dense.bias))
             progress.update(1)
+        if data is not None:
+            data.fp = target
+            data.quantized = run_block_batched(block, data.quantized, data.kwargs)
     progress.close()
+    if teacher is not None:  # model reconstruction of the scales against the teacher's logits
+        losses = distill_scales(model, teacher, windows, settings.distill)
+        print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f}")
+        del teacher
+
+    for name in names:
+        layer = model.get_submodule(name).layer()
+        w0, approx = originals[name].float(), layer.dense()
+        pre_in, pre_out = stats[name].preconditioners(gamma)
+        weighted = relative_error(pre_out[:, None] * w0 * pre_in[None, :], pre_out[:, None] * approx * pre_in[None, :])
+        d_out, d_in = w0.shape
+        bits = formats.LayerBits(d_out, d_in, layer.u.shape[1])
+        reports.append(LayerReport(name, d_out, d_in, layer.u.shape[1], bits.bpw, relative_error(w0, approx), weighted))
+        tensors.append(_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], layer))
     return tensors, reports
 
 
@@ -206,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-window-tokens", type=int, default=None, help="tokens per calibration window")
     p.add_argument("--admm-iterations", type=int, default=None, help="ADMM outer iterations")
     p.add_argument("--shrinkage", type=float, default=None, help="Hessian-diagonal shrinkage (default: per family)")
+    p.add_argument("--dense-steps", type=int, default=None, help="block tuning steps of the dense layers per layer")
+    p.add_argument("--factor-steps", type=int, default=None, help="STE tuning steps of each factorised layer")
+    p.add_argument("--dense-lr", type=float, default=TuneSettings.dense_lr)
+    p.add_argument("--latent-lr", type=float, default=TuneSettings.latent_lr, help="relative to mean |latent|")
+    p.add_argument("--scale-lr", type=float, default=TuneSettings.scale_lr, help="on multiplicative scale offsets")
+    p.add_argument("--distill-steps", type=int, default=None, help="scale-only KL distillation steps (model recon.)")
+    p.add_argument("--distill-lr", type=float, default=DistillSettings.lr, help="on multiplicative scale offsets")
+    p.add_argument("--tune-batch", type=int, default=TuneSettings.batch_windows, help="windows per tuning step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--other-type", default="Q8_0", help="ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -214,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
     preset = dict(PRESETS[args.preset])
-    for key in ("calib_windows", "calib_window_tokens", "admm_iterations"):
+    for key in ("calib_windows", "calib_window_tokens", "admm_iterations", "dense_steps", "factor_steps",
+                "distill_steps"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
@@ -222,7 +286,12 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
     return ConvertSettings(
         bpw=args.bpw, calib_text=args.calib or DEFAULT_CALIBRATION_TEXT, calib_windows=preset["calib_windows"],
         calib_window_tokens=preset["calib_window_tokens"], seed=args.seed, shrinkage=args.shrinkage,
-        admm=AdmmSettings(iterations=preset["admm_iterations"], seed=args.seed), other_type=args.other_type,
+        admm=AdmmSettings(iterations=preset["admm_iterations"], seed=args.seed),
+        tune=TuneSettings(dense_steps=preset["dense_steps"], dense_lr=args.dense_lr, factor_steps=preset["factor_steps"],
+                          latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=args.tune_batch,
+                          seed=args.seed),
+        distill=DistillSettings(steps=preset["distill_steps"], lr=args.distill_lr, seed=args.seed),
+        other_type=args.other_type,
         threads=args.threads)
 
 

@@ -1,0 +1,213 @@
+"""Block reconstruction (method spec section 3.5 steps 1 and 3): tune a decoder block against the full-precision
+model's block outputs while its linear layers are factorised one by one.
+
+Step 1 (error-propagation mitigation) trains the still-dense linears of the block; step 3 trains the layer just
+factorised through a straight-through sign (latents) and multiplicative scales. Targets are the FP block applied to
+the FP stream; inputs are the quantised stream, so a block also learns to undo upstream error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .admm import LowRankBinary, sign
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    dense_steps: int = 0          # step 1: Adam steps on the remaining dense weights before each factorisation
+    dense_lr: float = 1e-4
+    factor_steps: int = 0         # step 3: Adam steps on the layer just factorised
+    latent_lr: float = 1e-3       # relative to the layer's mean |latent|, so it means the same for every layer
+    scale_lr: float = 2e-3        # on the multiplicative scale offsets s = s0 (1 + delta)
+    batch_windows: int = 4
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.dense_steps > 0 or self.factor_steps > 0
+
+
+class StraightThroughSign(torch.autograd.Function):
+    """sign(z) forward (sign(0) = +1), identity backward: the pure STE of the method."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return sign(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class TrainableLowRankBinary(torch.nn.Module):
+    """A factorised layer during step 3: latents under a straight-through sign and multiplicative scales."""
+
+    def __init__(self, layer: LowRankBinary, bias: torch.Tensor | None):
+        super().__init__()
+        # the latents carry ADMM's consensus magnitudes with the signs of the exported factors
+        self.u_latent = torch.nn.Parameter(layer.u_latent.abs().clamp_min(1e-12) * layer.u)
+        self.v_latent = torch.nn.Parameter(layer.v_latent.abs().clamp_min(1e-12) * layer.v)
+        self.register_buffer("s_pre0", layer.s_pre.clone())
+        self.register_buffer("s_post0", layer.s_post.clone())
+        self.pre_offset = torch.nn.Parameter(torch.zeros_like(layer.s_pre))
+        self.post_offset = torch.nn.Parameter(torch.zeros_like(layer.s_post))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_pre, s_post = self.scales()
+        t = (x * s_pre) @ StraightThroughSign.apply(self.v_latent).T
+        y = (t @ StraightThroughSign.apply(self.u_latent).T) * s_post
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def finalize(self) -> LowRankBinary:
+        s_pre, s_post = self.scales()
+        return LowRankBinary(u=sign(self.u_latent), v=sign(self.v_latent), s_pre=s_pre.clone(),
+                             s_post=s_post.clone(), u_latent=self.u_latent.detach().clone(),
+                             v_latent=self.v_latent.detach().clone())
+
+
+class FrozenLowRankBinary(torch.nn.Module):
+    """A finished layer: y = s_post * (U (V (s_pre * x))) + bias, signs fixed; the multiplicative scale offsets stay
+    trainable parameters for model reconstruction (frozen unless a caller enables their gradients)."""
+
+    def __init__(self, layer: LowRankBinary, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("u", layer.u)
+        self.register_buffer("v", layer.v)
+        self.register_buffer("s_pre0", layer.s_pre)
+        self.register_buffer("s_post0", layer.s_post)
+        self.pre_offset = torch.nn.Parameter(torch.zeros_like(layer.s_pre), requires_grad=False)
+        self.post_offset = torch.nn.Parameter(torch.zeros_like(layer.s_post), requires_grad=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x):
+        s_pre, s_post = self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
+        y = (((x * s_pre) @ self.v.T) @ self.u.T) * s_post
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def layer(self) -> LowRankBinary:
+        return LowRankBinary(u=self.u, v=self.v, s_pre=self.s_pre0 * (1 + self.pre_offset),
+                             s_post=self.s_post0 * (1 + self.post_offset), u_latent=self.u, v_latent=self.v)
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    steps: int = 0
+    lr: float = 1e-3  # on the multiplicative scale offsets
+    seed: int = 0
+
+
+def distill_scales(student, teacher, windows: torch.Tensor, settings: DistillSettings) -> list[float]:
+    """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
+    T = 1. Teacher logits are recomputed per window, never cached, so memory does not grow with the vocabulary."""
+    if settings.steps <= 0:
+        return []
+    offsets = [p for m in student.modules() if isinstance(m, FrozenLowRankBinary)
+               for p in (m.pre_offset, m.post_offset)]
+    for p in offsets:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(settings.seed)
+    losses = []
+    try:
+        for step in range(settings.steps):
+            opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
+            ids = windows[int(torch.randint(0, windows.shape[0], (1,), generator=gen))][None]
+            with torch.no_grad():
+                p_teacher = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            log_q = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    finally:
+        for p in offsets:
+            p.requires_grad_(False)
+    return losses
+
+
+@dataclass
+class BlockData:
+    """Calibration activations at one block boundary and the keyword arguments a decoder layer needs."""
+    fp: torch.Tensor        # N x L x h, input of this block along the full-precision model
+    quantized: torch.Tensor  # N x L x h, input of this block along the partly quantised model
+    kwargs: dict
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model, windows: torch.Tensor) -> BlockData:
+    """Run the model up to its first decoder block and keep that block's inputs and call arguments."""
+    layers = model.model.layers
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    hidden = []
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window[None], use_cache=False)
+            except _Stop:
+                hidden.append(seen["hidden"][0].clone())
+    finally:
+        handle.remove()
+    kwargs = seen["kwargs"]
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    x = torch.stack(hidden)
+    return BlockData(fp=x, quantized=x.clone(), kwargs=kwargs)
+
+
+def run_block(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block_batched(block, xs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return torch.cat([run_block(block, xs[i:i + 1], kwargs) for i in range(xs.shape[0])])
+
+
+def _cosine(step: int, total: int, lr: float) -> float:
+    floor = 1e-4 * lr
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor, channel_weights: torch.Tensor,
+               steps: int, seed: int, batch_windows: int) -> float:
+    """Adam with a cosine schedule on the weighted block-output MSE; returns the last loss."""
+    if steps <= 0 or not params:
+        return float("nan")
+    opt = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-8)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    n = data.quantized.shape[0]
+    loss_value = float("nan")
+    for step in range(steps):
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = _cosine(step, steps, lr)
+        idx = torch.randint(0, n, (min(batch_windows, n),), generator=gen)
+        out = run_block(block, data.quantized[idx], data.kwargs)
+        loss = (((out - target[idx]) ** 2) * channel_weights).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss)
+    return loss_value
