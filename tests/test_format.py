@@ -47,6 +47,8 @@ def test_bad_shapes_are_rejected():
         formats.pack_signs(np.ones((2, 40)))
     with pytest.raises(ValueError, match="multiple of"):
         _core.quantize_rows(np.ones((2, 40), dtype=np.float32), _core.NQ1_TYPE_ID)
+    with pytest.raises(ValueError, match="importance matrix"):
+        _core.quantize_rows(np.ones((2, 256), dtype=np.float32), int(gguf.GGMLQuantizationType.IQ2_XXS))
     with pytest.raises(ValueError, match="bytes per row"):
         _core.dequantize_rows(np.zeros((2, 3), dtype=np.uint8), _core.NQ1_TYPE_ID, 32)
 

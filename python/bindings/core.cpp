@@ -49,6 +49,8 @@ static u8_array quantize_rows(const f32_array & x, int type_id) {
     const int64_t rows = x.shape(0), cols = x.shape(1);
     require(cols % ggml_blck_size(type) == 0, std::string("x: row length ") + std::to_string(cols) +
             " is not a multiple of the " + ggml_type_name(type) + " block size " + std::to_string(ggml_blck_size(type)));
+    require(!ggml_quantize_requires_imatrix(type),
+            std::string(ggml_type_name(type)) + " needs an importance matrix; choose another type");
     const size_t row_size = ggml_row_size(type, cols);
     u8_array out({(py::ssize_t) rows, (py::ssize_t) row_size});
     ggml_quantize_init(type);
