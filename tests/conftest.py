@@ -13,7 +13,8 @@ BIN = REPO / "build" / "bin"
 SMOL_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONVERTER = REPO / "convert" / "convert-hf-to-nq-gguf.py"
-TINY_ARCHS = ("llama", "qwen3")
+# tiny model kind -> the general.architecture llama.cpp uses for it
+TINY_ARCHS = {"llama": "llama", "qwen3": "qwen3", "mistral": "llama", "gemma3": "gemma3"}
 
 
 def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -55,7 +56,7 @@ def eval_text(tmp_path_factory) -> Path:
 def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0) -> Path:
     """A random 2-block model whose dims are multiples of 32 but not of 128, with SmolLM2's tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen3Config
 
     common = dict(hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=3,
                   num_key_value_heads=1, head_dim=32, vocab_size=len(tokenizer), max_position_embeddings=1024,
@@ -63,6 +64,8 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0) -> Path:
     configs = {
         "llama": lambda: LlamaConfig(**common),
         "qwen3": lambda: Qwen3Config(**common),
+        "mistral": lambda: MistralConfig(**common),
+        "gemma3": lambda: Gemma3TextConfig(**common, sliding_window=64),
         "gpt2": lambda: GPT2Config(n_embd=96, n_layer=2, n_head=3, vocab_size=len(tokenizer)),
     }
     torch.manual_seed(seed)
@@ -74,7 +77,7 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
-    """Tiny llama and qwen3 models converted at 1.0 bpw by the converter's command line."""
+    """Tiny models of each supported family converted at 1.0 bpw by the converter's command line."""
     out = {}
     for kind in TINY_ARCHS:
         work = tmp_path_factory.mktemp(f"tiny-{kind}")

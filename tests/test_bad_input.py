@@ -21,9 +21,12 @@ def _load_with_tool(tool, path, text_file):
 
 
 def _assert_clean_failure(proc, *needles):
+    """Each needle is a string or a tuple of alternatives. llama.cpp logs through a background thread that is not
+    always flushed at exit, so the last lines (those naming the file) can be missing: accept the earlier ones."""
     assert proc.returncode > 0, f"expected a clean non-zero exit, got {proc.returncode}"  # < 0 would be a signal
     for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-2000:]
+        options = (needle,) if isinstance(needle, str) else needle
+        assert any(option in proc.stderr for option in options), proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,8 @@ def rank_mismatch(tiny_nq_models, tmp_path_factory):
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_truncated_file_fails_cleanly_in_tools(tool, truncated, eval_text):
-    _assert_clean_failure(_load_with_tool(tool, truncated, eval_text), "truncated.gguf")
+    _assert_clean_failure(_load_with_tool(tool, truncated, eval_text),
+                          ("truncated.gguf", "not within the file bounds, model is corrupted or incomplete"))
 
 
 def test_truncated_file_raises_in_python(truncated):

@@ -1,4 +1,4 @@
-"""Tiny random llama and qwen3 models, converted by the CLI and run by patched llama.cpp tools."""
+"""Tiny random llama, qwen3, mistral and gemma3 models, converted by the CLI and run by patched llama.cpp tools."""
 import pytest
 
 from conftest import TINY_ARCHS, llama_perplexity, run_tool
@@ -12,7 +12,7 @@ N_CTX, CHUNKS = 512, 4
 def test_llama_perplexity_matches_reference_forward(kind, tiny_nq_models, eval_text):
     path = tiny_nq_models[kind]
     info = describe(path)
-    assert info.architecture == kind and len(info.layers) == 14
+    assert info.architecture == TINY_ARCHS[kind] and len(info.layers) == 14
     ppl_cpp = llama_perplexity(path, eval_text, N_CTX, CHUNKS)
     model, tokenizer, _ = load_reference_model(path)
     add_bos = gguf_add_bos(open_gguf(path))

@@ -20,6 +20,7 @@ class Architecture:
     shrinkage: float = 0.2          # Ledoit-Wolf shrinkage of the Hessian diagonals (paper: 0.2 Llama/Qwen, 0.6 Gemma)
     rope_permuted_rows: bool = False  # llama.cpp's converter interleaves q/k output rows for RoPE (LlamaModel.permute)
     sensitivity_linear: str = "mlp.down_proj"  # its output-gradient statistics weight the block loss
+    norm_offset: float = 0.0        # llama.cpp stores RMSNorm weights plus this (Gemma's norms scale by 1 + w)
 
     @property
     def gguf_arch_name(self) -> str:
@@ -30,7 +31,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(gguf.MODEL_ARCH.LLAMA, rope_permuted_rows=True),
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2),
     "qwen3": Architecture(gguf.MODEL_ARCH.QWEN3),
+    "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, rope_permuted_rows=True),
+    "gemma3_text": Architecture(gguf.MODEL_ARCH.GEMMA3, shrinkage=0.6, norm_offset=1.0),
 }
+
+# general.architecture of a GGUF -> the Hugging Face model_type transformers builds from it
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
 
 class UnsupportedArchitecture(ValueError):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from . import formats
 from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
-from .architectures import Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name, gguf_row_permutation
+from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
+                            gguf_row_permutation)
 from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
 from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
                           capture_block_inputs, distill_scales, run_block_batched, tune_block)
@@ -100,7 +101,7 @@ def _model_type(model_path: Path) -> str:
             gguf_arch = reader.fields["general.architecture"].contents()
         except Exception as e:
             raise ConversionError(f"{model_path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-        return {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}.get(gguf_arch, gguf_arch)
+        return GGUF_MODEL_TYPES.get(gguf_arch, gguf_arch)
     raise ConversionError(f"{model_path}: no such file or folder")
 
 

@@ -160,6 +160,8 @@ def load_reference_model(path: Path):
         data = _tensor_as_float(by_name[gguf_name])
         if tuple(data.shape) != tuple(param.shape):
             raise NQFormatError(f"{path}: tensor {gguf_name} has shape {data.shape}, expected {tuple(param.shape)}")
+        if gguf_name.endswith("norm.weight") and arch.norm_offset:
+            data = data - arch.norm_offset
         state[hf_name] = torch.from_numpy(data)
         used.add(gguf_name)
     unused = sorted(set(by_name) - used - {"rope_freqs.weight"})
