@@ -1,5 +1,4 @@
 """Bad input ends in a clear error naming the problem and a non-zero exit: never a crash or a partial file."""
-import shutil
 
 import gguf
 import numpy as np

@@ -10,12 +10,11 @@ import copy
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -175,8 +174,7 @@ def quantize_model(source: Source, settings: ConvertSettings) -> tuple[list[NQLa
                 for w in remaining:
                     w.requires_grad_(False)
             weight = dense.weight.detach().float()
-            d_out, d_in = weight.shape
-            rank = formats.rank_for_bpw(d_out, d_in, settings.bpw)
+            rank = formats.rank_for_bpw(*weight.shape, settings.bpw)
             pre_in, pre_out = stats[name].preconditioners(gamma)
             layer = factorize(weight, rank, pre_in, pre_out, settings.admm)
             if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of this layer's signs and scales

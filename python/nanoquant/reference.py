@@ -15,7 +15,7 @@ from gguf import GGUFReader, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from . import formats
-from .architectures import Architecture, architecture_for, gguf_base_name, gguf_row_permutation
+from .architectures import architecture_for, gguf_base_name, gguf_row_permutation
 
 
 class NQFormatError(ValueError):
