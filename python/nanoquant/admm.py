@@ -32,6 +32,19 @@ class LowRankBinary:
         return self.s_post[:, None] * (self.u @ self.v) * self.s_pre[None, :]
 
 
+def lowrank_binary_product(x, u, v, s_pre=None, s_mid=None, s_post=None, bias=None) -> torch.Tensor:
+    """y = s_post * (U (s_mid * (V (s_pre * x)))) + bias for x [..., d_in]; absent scales count as ones."""
+    if s_pre is not None:
+        x = x * s_pre
+    t = x @ v.T
+    if s_mid is not None:
+        t = t * s_mid
+    y = t @ u.T
+    if s_post is not None:
+        y = y * s_post
+    return y if bias is None else y + bias
+
+
 def sign(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = +1."""
     return torch.where(x < 0, -1.0, 1.0).to(x.dtype)

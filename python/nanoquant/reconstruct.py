@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .admm import LowRankBinary, sign
+from .admm import LowRankBinary, lowrank_binary_product, sign
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,8 @@ class TrainableLowRankBinary(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_pre, s_post = self.scales()
-        t = (x * s_pre) @ StraightThroughSign.apply(self.v_latent).T
-        y = (t @ StraightThroughSign.apply(self.u_latent).T) * s_post
-        return y if self.bias is None else y + self.bias
+        return lowrank_binary_product(x, StraightThroughSign.apply(self.u_latent),
+                                      StraightThroughSign.apply(self.v_latent), s_pre, None, s_post, self.bias)
 
     @torch.no_grad()
     def finalize(self) -> LowRankBinary:
@@ -89,8 +88,7 @@ class FrozenLowRankBinary(torch.nn.Module):
 
     def forward(self, x):
         s_pre, s_post = self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
-        y = (((x * s_pre) @ self.v.T) @ self.u.T) * s_post
-        return y if self.bias is None else y + self.bias
+        return lowrank_binary_product(x, self.u, self.v, s_pre, None, s_post, self.bias)
 
     @torch.no_grad()
     def layer(self) -> LowRankBinary:
@@ -128,7 +126,7 @@ def distill_scales(student, teacher, windows: torch.Tensor, settings: DistillSet
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p in offsets:
             p.requires_grad_(False)
@@ -209,5 +207,5 @@ def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
     return loss_value

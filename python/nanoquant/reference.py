@@ -15,6 +15,7 @@ from gguf import GGUFReader, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from . import formats
+from .admm import lowrank_binary_product
 from .architectures import architecture_for, gguf_base_name, gguf_row_permutation
 
 
@@ -34,15 +35,7 @@ class LowRankBinaryLinear(torch.nn.Module):
         self.in_features, self.out_features = v.shape[1], u.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.s_pre is not None:
-            x = x * self.s_pre
-        t = x @ self.v.T
-        if self.s_mid is not None:
-            t = t * self.s_mid
-        y = t @ self.u.T
-        if self.s_post is not None:
-            y = y * self.s_post
-        return y if self.bias is None else y + self.bias
+        return lowrank_binary_product(x, self.u, self.v, self.s_pre, self.s_mid, self.s_post, self.bias)
 
 
 def open_gguf(path: Path) -> GGUFReader:
