@@ -32,7 +32,7 @@ class RobustSecondMoment:
     samples: int = 0
 
     def update(self, z: torch.Tensor) -> None:
-        z = z.detach().reshape(-1, z.shape[-1]).double()
+        z = z.detach().reshape(-1, z.shape[-1]).float()
         norms = z.norm(dim=1)
         k = max(1, int(z.shape[0] * (1.0 - self.quantile)))
         tau = float(torch.topk(norms, k).values[-1])

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
@@ -28,7 +29,8 @@ from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitect
                             gguf_row_permutation)
 from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
 from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
-                          capture_block_inputs, distill_scales, run_block_batched, tune_block)
+                          BlockData, capture_block_inputs, distill_scales, run_block_batched, tune_block)
+from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,11 +55,12 @@ class ConvertSettings:
 PRESETS: dict[str, dict] = {
     # measured on a 2-core CPU with SmolLM2-135M: see README
     "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=40, dense_steps=0, factor_steps=0,
-                 distill_steps=0),
+                 distill_steps=0, tune_batch=2, tune_scope="block"),
     "standard": dict(calib_windows=64, calib_window_tokens=512, admm_iterations=100, dense_steps=0,
-                     factor_steps=0, distill_steps=0),
+                     factor_steps=0, distill_steps=0, tune_batch=2, tune_scope="block"),
+    # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
-                  factor_steps=1024, distill_steps=1024),
+                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer"),
 }
 
 
@@ -83,6 +86,7 @@ class Source:
     config: object
     arch: Architecture
     base_gguf: Path
+    path: Path
 
 
 def _model_type(model_path: Path) -> str:
@@ -117,21 +121,26 @@ def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
     return out
 
 
-def load_source(model_path: Path, work_dir: Path) -> Source:
+def load_model(model_path: Path):
+    """The full-precision (F32) transformers model and tokenizer of a HF folder or a GGUF file (dequantised)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
     if model_path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = _base_gguf_from_hf(model_path, work_dir)
-    else:  # a GGUF: its dequantised weights are the teacher, its metadata and small tensors the base
+    else:
         model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-        base = model_path
-    model.eval()
-    return Source(model, tokenizer, model.config, arch, base)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def load_source(model_path: Path, work_dir: Path) -> Source:
+    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
+    model, tokenizer = load_model(model_path)
+    # a HF folder goes through llama.cpp's own converter; a GGUF is its own base (metadata and small tensors)
+    base = _base_gguf_from_hf(model_path, work_dir) if model_path.is_dir() else model_path
+    return Source(model, tokenizer, model.config, arch, base, model_path)
 
 
 def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -139,85 +148,134 @@ def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) ->
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def quantize_model(source: Source, settings: ConvertSettings) -> tuple[list[NQLayerTensors], list[LayerReport]]:
+def _layer_report(name: str, original: torch.Tensor, layer: LowRankBinary, pre_in, pre_out) -> LayerReport:
+    w0, approx = original.float(), layer.dense()
+    weighted = relative_error(pre_out[:, None] * w0 * pre_in[None, :], pre_out[:, None] * approx * pre_in[None, :])
+    d_out, d_in = w0.shape
+    bits = formats.LayerBits(d_out, d_in, layer.u.shape[1])
+    return LayerReport(name, d_out, d_in, layer.u.shape[1], bits.bpw, relative_error(w0, approx), weighted)
+
+
+def _tuning_groups(trainables: list[TrainableLowRankBinary], tune: TuneSettings) -> list[dict]:
+    groups = []
+    for t in trainables:
+        # latent steps relative to each factor's mean |latent|, so one rate means the same for every layer
+        groups.append({"params": [t.u_latent], "lr": tune.latent_lr * float(t.u_latent.detach().abs().mean())})
+        groups.append({"params": [t.v_latent], "lr": tune.latent_lr * float(t.v_latent.detach().abs().mean())})
+        scales = [t.pre_offset, t.post_offset] + ([t.bias] if t.bias is not None else [])
+        groups.append({"params": scales, "lr": tune.scale_lr})
+    return groups
+
+
+def quantize_block(model, index: int, source: Source, stats, settings: ConvertSettings, data: BlockData | None,
+                   progress) -> tuple[dict, list[LayerReport]]:
+    """Factorise one decoder block (steps 1-3 of the method) and advance the activation streams past it.
+
+    scope "layer" interleaves dense tuning, ADMM and STE tuning per linear in the method's order (the reference
+    code); scope "block" tunes the dense block once, factorises all its linears, then tunes them together (the
+    paper's Algorithm 1), which costs one seventh of the steps."""
+    arch, tune = source.arch, settings.tune
+    gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+    block = model.model.layers[index]
+    prefix = f"model.layers.{index}."
+    originals = {linear: block.get_submodule(linear).weight.detach().clone() for linear in arch.linears}
+    if data is not None:
+        target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
+        sensitivity = shrink(stats[prefix + arch.sensitivity_linear].output_moment, gamma)
+        channel_weights = sensitivity / sensitivity.mean()
+    groups = [[linear] for linear in arch.linears] if tune.scope == "layer" else [list(arch.linears)]
+    finished: dict[str, tuple[LowRankBinary, torch.Tensor | None]] = {}
+    for g, group in enumerate(groups):
+        if data is not None and tune.dense_steps > 0:  # step 1: the still-dense layers absorb upstream error
+            remaining = [block.get_submodule(linear).weight for later in groups[g:] for linear in later]
+            for w in remaining:
+                w.requires_grad_(True)
+            tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
+                       tune.dense_steps, tune.seed, tune.batch_windows)
+            for w in remaining:
+                w.requires_grad_(False)
+        layers = {}
+        for linear in group:  # step 2: LB-ADMM on the (tuned) dense weight
+            dense = block.get_submodule(linear)
+            weight = dense.weight.detach().float()
+            pre_in, pre_out = stats[prefix + linear].preconditioners(gamma)
+            layers[linear] = factorize(weight, formats.rank_for_bpw(*weight.shape, settings.bpw), pre_in, pre_out,
+                                       settings.admm)
+        biases = {linear: block.get_submodule(linear).bias for linear in group}
+        if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of the new factors' signs and scales
+            trainables = {linear: TrainableLowRankBinary(layers[linear], biases[linear]) for linear in group}
+            for linear, t in trainables.items():
+                _set_submodule(block, linear, t)
+            tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, channel_weights,
+                       tune.factor_steps, tune.seed, tune.batch_windows)
+            for linear, t in trainables.items():
+                layers[linear] = t.finalize()
+                biases[linear] = None if t.bias is None else t.bias.detach().clone()
+        for linear in group:
+            _set_submodule(block, linear, FrozenLowRankBinary(layers[linear], biases[linear]))
+            finished[prefix + linear] = (layers[linear], biases[linear])
+            progress.update(1)
+    if data is not None:
+        data.fp = target
+        data.quantized = run_block_batched(block, data.quantized, data.kwargs)
+    reports = [_layer_report(prefix + linear, originals[linear], finished[prefix + linear][0],
+                             *stats[prefix + linear].preconditioners(gamma)) for linear in arch.linears]
+    return finished, reports
+
+
+def quantize_model(source: Source, settings: ConvertSettings,
+                   work: WorkFolder) -> tuple[list[NQLayerTensors], list[LayerReport]]:
     model, config, arch = source.model, source.config, source.arch
     model.requires_grad_(False)
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
                                   settings.calib_window_tokens, settings.seed)
-    stats = StatsCollector(names).collect(model, windows)
-    gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
-    tune = settings.tune
-    data = capture_block_inputs(model, windows) if tune.enabled else None
-    teacher = copy.deepcopy(model) if settings.distill.steps > 0 else None
+    stats = work.load_stats()
+    if stats is None:
+        stats = StatsCollector(names).collect(model, windows)
+        work.save_stats(stats)
+    data = capture_block_inputs(model, windows) if settings.tune.enabled else None
+    first = work.finished_blocks()
+    if first:
+        print(f"resuming after block {first - 1}: {first} of {n_layers} blocks are checkpointed in {work.path}")
+    if first and data is not None:
+        stream = work.load_stream()
+        data.fp, data.quantized = stream["fp"], stream["quantized"]
 
-    tensors, reports, originals = [], [], {}
-    progress = tqdm(total=len(names), desc="quantize", unit="layer")
+    reports: list[LayerReport] = []
+    progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(arch.linears))
     for i in range(n_layers):
-        block = model.model.layers[i]
-        originals.update({f"model.layers.{i}.{linear}": block.get_submodule(linear).weight.detach().clone()
-                          for linear in arch.linears})
-        if data is not None:
-            target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
-            sensitivity = shrink(stats[f"model.layers.{i}.{arch.sensitivity_linear}"].output_moment, gamma)
-            channel_weights = sensitivity / sensitivity.mean()
-        for j, linear in enumerate(arch.linears):
-            name = f"model.layers.{i}.{linear}"
-            dense = block.get_submodule(linear)
-            if data is not None and tune.dense_steps > 0:  # step 1: the still-dense layers absorb upstream error
-                remaining = [block.get_submodule(other).weight for other in arch.linears[j:]]
-                for w in remaining:
-                    w.requires_grad_(True)
-                tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
-                           tune.dense_steps, tune.seed, tune.batch_windows)
-                for w in remaining:
-                    w.requires_grad_(False)
-            weight = dense.weight.detach().float()
-            rank = formats.rank_for_bpw(*weight.shape, settings.bpw)
-            pre_in, pre_out = stats[name].preconditioners(gamma)
-            layer = factorize(weight, rank, pre_in, pre_out, settings.admm)
-            if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of this layer's signs and scales
-                trainable = TrainableLowRankBinary(layer, dense.bias)
-                _set_submodule(block, linear, trainable)
-                groups = [
-                    {"params": [trainable.u_latent], "lr": tune.latent_lr * float(trainable.u_latent.abs().mean())},
-                    {"params": [trainable.v_latent], "lr": tune.latent_lr * float(trainable.v_latent.abs().mean())},
-                    {"params": [trainable.pre_offset, trainable.post_offset], "lr": tune.scale_lr},
-                ]
-                tune_block(block, groups, data, target, channel_weights, tune.factor_steps, tune.seed,
-                           tune.batch_windows)
-                layer = trainable.finalize()
-            _set_submodule(block, linear, FrozenLowRankBinary(layer, dense.bias))
-            progress.update(1)
-        if data is not None:
-            data.fp = target
-            data.quantized = run_block_batched(block, data.quantized, data.kwargs)
+        if i < first:  # finished by an earlier run
+            layers, block_reports = work.load_block(i)
+            for name, (layer, bias) in layers.items():
+                _set_submodule(model, name, FrozenLowRankBinary(layer, bias))
+        else:
+            layers, block_reports = quantize_block(model, i, source, stats, settings, data, progress)
+            stream = {} if data is None else {"fp": data.fp, "quantized": data.quantized}
+            work.save_block(i, layers, block_reports, stream)
+        reports += block_reports
     progress.close()
-    if teacher is not None:  # model reconstruction of the scales against the teacher's logits
+    if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
+        teacher, _ = load_model(source.path)
         losses = distill_scales(model, teacher, windows, settings.distill)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f}")
         del teacher
-
-    for name in names:
-        layer = model.get_submodule(name).layer()
-        w0, approx = originals[name].float(), layer.dense()
-        pre_in, pre_out = stats[name].preconditioners(gamma)
-        weighted = relative_error(pre_out[:, None] * w0 * pre_in[None, :], pre_out[:, None] * approx * pre_in[None, :])
-        d_out, d_in = w0.shape
-        bits = formats.LayerBits(d_out, d_in, layer.u.shape[1])
-        reports.append(LayerReport(name, d_out, d_in, layer.u.shape[1], bits.bpw, relative_error(w0, approx), weighted))
-        tensors.append(_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], layer))
+    tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
+                              model.get_submodule(name).bias) for name in names]
     return tensors, reports
 
 
-def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary) -> NQLayerTensors:
+def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
+                   bias: torch.Tensor | None) -> NQLayerTensors:
     u, s_post = layer.u.numpy(), layer.s_post.numpy()
+    bias = None if bias is None else bias.detach().numpy()
     perm = gguf_row_permutation(arch, linear, u.shape[0], config)
     if perm is not None:
         u, s_post = u[perm], s_post[perm]
+        bias = None if bias is None else bias[perm]
     return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u, v=layer.v.numpy(),
-                          s_pre=layer.s_pre.numpy(), s_post=s_post)
+                          s_pre=layer.s_pre.numpy(), s_post=s_post, bias=bias)
 
 
 def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None:
@@ -232,19 +290,32 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
     print(f"wrote {out} ({out.stat().st_size:,} bytes) in {seconds:.0f} s, peak RSS {peak_mib:.0f} MiB")
 
 
-def convert(model_path: Path, out_path: Path, settings: ConvertSettings) -> list[LayerReport]:
+def _identity(model_path: Path, settings: ConvertSettings) -> dict:
+    """What a work folder belongs to: the source files and every setting that changes the output."""
+    files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
+    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(settings)),
+            "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}
+
+
+def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_dir: Path | None = None,
+            resume: bool = False, keep_work: bool = False) -> list[LayerReport]:
     start = time.time()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
+    architecture_for(_model_type(model_path))  # an unsupported model fails before a work folder appears
+    work_path = work_dir or out_path.with_name(out_path.name + ".work")
+    work = WorkFolder(work_path, _identity(model_path, settings), resume)
     with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
         source = load_source(model_path, Path(tmp))
-        tensors, reports = quantize_model(source, settings)
+        tensors, reports = quantize_model(source, settings, work)
         metadata = {
             formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
         }
         write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
+    if not keep_work:
+        shutil.rmtree(work_path)
     print_summary(reports, out_path, time.time() - start)
     return reports
 
@@ -267,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-lr", type=float, default=TuneSettings.scale_lr, help="on multiplicative scale offsets")
     p.add_argument("--distill-steps", type=int, default=None, help="scale-only KL distillation steps (model recon.)")
     p.add_argument("--distill-lr", type=float, default=DistillSettings.lr, help="on multiplicative scale offsets")
-    p.add_argument("--tune-batch", type=int, default=TuneSettings.batch_windows, help="windows per tuning step")
+    p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
+    p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
+                   help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default OUTFILE.work)")
+    p.add_argument("--resume", action="store_true", help="continue the conversion checkpointed in the work folder")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--other-type", default="Q8_0", help="ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -277,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
     preset = dict(PRESETS[args.preset])
     for key in ("calib_windows", "calib_window_tokens", "admm_iterations", "dense_steps", "factor_steps",
-                "distill_steps"):
+                "distill_steps", "tune_batch", "tune_scope"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
@@ -287,8 +363,8 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
         calib_window_tokens=preset["calib_window_tokens"], seed=args.seed, shrinkage=args.shrinkage,
         admm=AdmmSettings(iterations=preset["admm_iterations"], seed=args.seed),
         tune=TuneSettings(dense_steps=preset["dense_steps"], dense_lr=args.dense_lr, factor_steps=preset["factor_steps"],
-                          latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=args.tune_batch,
-                          seed=args.seed),
+                          latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=preset["tune_batch"],
+                          scope=preset["tune_scope"], seed=args.seed),
         distill=DistillSettings(steps=preset["distill_steps"], lr=args.distill_lr, seed=args.seed),
         other_type=args.other_type,
         threads=args.threads)
@@ -302,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConversionError(f"--calib: {settings.calib_text} not found")
         if args.outfile.parent and not args.outfile.parent.exists():
             args.outfile.parent.mkdir(parents=True)
-        convert(args.model, args.outfile, settings)
-    except (ConversionError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
+        convert(args.model, args.outfile, settings, args.work_dir, args.resume, args.keep_work)
+    except (ConversionError, CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
         print(f"convert-hf-to-nq-gguf: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,7 @@
 """What a NanoQuant GGUF holds: its layers, ranks and the bits they take, counted from the file."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +60,28 @@ def describe(path: Path) -> FileInfo:
             dense += int(t.n_elements)
     arch = reader.fields["general.architecture"].contents()
     return FileInfo(path, arch, path.stat().st_size, layers, dense)
+
+
+# llama.cpp's names of the decoder linear layers, the ones NanoQuant replaces and bpw_linear counts
+DECODER_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)$")
+
+
+def _decoder_linears(path: Path) -> list[tuple[str, int, int, int]]:
+    """(base, d_out, d_in, bits) of every decoder linear layer, dense or NanoQuant, counted from the file."""
+    info = describe(path)
+    found = [(l.base, l.d_out, l.d_in, l.bits) for l in info.layers]
+    for t in open_gguf(path).tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if suffix == "weight" and DECODER_LINEAR.search(base):
+            found.append((base, int(t.shape[1]), int(t.shape[0]), 8 * int(t.n_bytes)))
+    return found
+
+
+def decoder_linear_bits(path: Path) -> tuple[int, int]:
+    """(bits stored, weights represented) over the decoder linear layers: bpw_linear = bits / weights."""
+    layers = _decoder_linears(path)
+    return sum(b for *_, b in layers), sum(o * i for _, o, i, _ in layers)
+
+
+def decoder_linear_shapes(path: Path) -> list[tuple[int, int]]:
+    return [(o, i) for _, o, i, _ in _decoder_linears(path)]

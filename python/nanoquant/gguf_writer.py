@@ -25,6 +25,7 @@ class NQLayerTensors:
     s_pre: np.ndarray | None
     s_post: np.ndarray | None
     s_mid: np.ndarray | None = None
+    bias: np.ndarray | None = None  # a tuned bias replaces the base file's <base>.bias
 
 
 def _requantize(name: str, t, target: GGMLQuantizationType):
@@ -61,7 +62,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     reader = GGUFReader(base_path)
     arch = reader.fields["general.architecture"].contents()
     replaced = {f"{layer.base}.weight" for layer in layers}
-    missing = sorted(replaced - {t.name for t in reader.tensors})
+    biases = {f"{layer.base}.bias": layer.bias for layer in layers if layer.bias is not None}
+    missing = sorted((replaced | set(biases)) - {t.name for t in reader.tensors})
     if missing:
         raise ValueError(f"{base_path}: has no tensors {', '.join(missing[:5])} to replace")
 
@@ -75,6 +77,9 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
 
         for t in reader.tensors:
             if t.name in replaced:
+                continue
+            if t.name in biases:
+                writer.add_tensor(t.name, np.ascontiguousarray(biases[t.name], dtype=np.float32))
                 continue
             data, dtype = _requantize(t.name, t, other_type)
             writer.add_tensor(t.name, data, raw_dtype=dtype)

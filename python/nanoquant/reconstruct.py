@@ -23,6 +23,7 @@ class TuneSettings:
     latent_lr: float = 1e-3       # relative to the layer's mean |latent|, so it means the same for every layer
     scale_lr: float = 2e-3        # on the multiplicative scale offsets s = s0 (1 + delta)
     batch_windows: int = 4
+    scope: str = "block"          # "block": paper Algorithm 1, one tuning per block; "layer": per linear (reference)
     seed: int = 0
 
     @property

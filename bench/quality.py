@@ -1,0 +1,283 @@
+"""Quality table: NanoQuant against llama.cpp's own formats, all scored by the patched llama-perplexity.
+
+    .venv/bin/python bench/quality.py [MODEL] [--chunks 150] [--rows ROW ...]
+
+Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (150 unless told), 2 threads. `kld` is the mean
+KL divergence to the F32 model's token distributions (llama-perplexity --kl-divergence) and `top1` the share of
+positions where both pick the same top token. llama.cpp's importance-matrix types take an imatrix made by
+llama-imatrix on the calibration text (WikiText-2 validation), never on the test text.
+
+Every row is cached in bench/results/quality-<model>.json under the sha256 of its file and the protocol, so the table
+can be completed over several runs (files live in bench/results/<model>/, git-ignored). Writes the .json, a .md table
+and a Pareto plot (PPL against bpw_linear) as .png.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe  # noqa: E402
+
+BIN = REPO / "build" / "bin"
+TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CALIB_TEXT = REPO / "data" / "wikitext-2" / "valid.txt"
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: how its file is made."""
+    method: str
+    kind: str                 # "f32", "llama" (llama-quantize TYPE), "nq" (our converter), "sign" (per-row sign)
+    llama_type: str = ""
+    imatrix: bool = False
+    bpw: float = 0.0
+    converter_args: tuple[str, ...] = ()
+    note: str = ""
+
+
+# NanoQuant rows use --preset standard; the ablations differ from "NQ 1.0" in one stage each
+ROWS = [
+    Row("F32", "f32"),
+    Row("Q8_0", "llama", "Q8_0"),
+    Row("Q4_K_M", "llama", "Q4_K_M"),
+    Row("Q4_0", "llama", "Q4_0"),
+    Row("Q2_K", "llama", "Q2_K"),
+    Row("IQ2_XXS", "llama", "IQ2_XXS", imatrix=True),
+    Row("IQ1_M", "llama", "IQ1_M", imatrix=True),
+    Row("IQ1_S", "llama", "IQ1_S", imatrix=True),
+    Row("TQ1_0", "llama", "TQ1_0"),
+    Row("NQ 2.0", "nq", bpw=2.0),
+    Row("NQ 1.5", "nq", bpw=1.5),
+    Row("NQ 1.0", "nq", bpw=1.0),
+    Row("NQ 0.8", "nq", bpw=0.8),
+    Row("NQ 0.55", "nq", bpw=0.55),
+    Row("ablation 1.0: per-row sign", "sign", bpw=1.0,
+        note="alpha_row * sign(W), stored as F16 for evaluation; bpw_linear is the 1-bit packing's"),
+    Row("ablation 1.0: ADMM init only", "nq", bpw=1.0,
+        converter_args=("--dense-steps", "0", "--factor-steps", "0", "--distill-steps", "0")),
+    Row("ablation 1.0: init + block reconstruction", "nq", bpw=1.0, converter_args=("--distill-steps", "0")),
+]
+ROW_NAMES = {row.method: row for row in ROWS}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(cmd: list, what: str) -> str:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace",
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+class Bench:
+    def __init__(self, model: Path, chunks: int, threads: int, preset: str):
+        self.model, self.chunks, self.threads, self.preset = model, chunks, threads, preset
+        self.name = model.name.split(".")[0] if model.is_file() else model.name
+        self.dir = RESULTS / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.json_path = RESULTS / f"quality-{self.name}.json"
+        self.rows = json.loads(self.json_path.read_text()) if self.json_path.is_file() else []
+        self.protocol = {"text": TEST_TEXT.name, "ctx": 512, "chunks": chunks}
+
+    # --- files -----------------------------------------------------------------------------------------------
+    def f32(self) -> Path:
+        out = self.dir / "F32.gguf"
+        if not out.is_file():
+            if self.model.is_dir():
+                run([sys.executable, REPO / "vendor/llama.cpp/convert_hf_to_gguf.py", self.model, "--outtype", "f32",
+                     "--outfile", out], "convert_hf_to_gguf")
+            else:  # the F32 dequantisation of a GGUF is its teacher
+                run([BIN / "llama-quantize", "--allow-requantize", self.model, out, "F32"], "llama-quantize F32")
+        return out
+
+    def imatrix(self) -> Path:
+        out = self.dir / "imatrix.gguf"
+        if not out.is_file():
+            run([BIN / "llama-imatrix", "-m", self.f32(), "-f", CALIB_TEXT, "-c", 512, "--chunks", 100,
+                 "-t", self.threads, "-o", out], "llama-imatrix")
+        return out
+
+    def build(self, row: Row) -> tuple[Path, float | None]:
+        """The row's file, made if missing; and the seconds it took to make when it was made now."""
+        out = self.dir / f"{slug(row.method)}.gguf"
+        if row.kind == "f32":
+            return self.f32(), None
+        if out.is_file():
+            return out, None
+        start = time.time()
+        if row.kind == "llama":
+            cmd = [BIN / "llama-quantize", "--allow-requantize"]
+            if row.imatrix:
+                cmd += ["--imatrix", self.imatrix()]
+            run(cmd + [self.f32(), out, row.llama_type, self.threads], f"llama-quantize {row.llama_type}")
+        elif row.kind == "nq":
+            run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
+                 "--bpw", row.bpw, "--preset", self.preset, "--threads", self.threads, *row.converter_args],
+                f"NanoQuant converter ({row.method})")
+        elif row.kind == "sign":
+            run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), out], "per-row sign baseline")
+        return out, time.time() - start
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    def kld_base(self) -> Path:
+        out = self.dir / f"F32-logits-{self.chunks}.kld"
+        if not out.is_file():
+            run(self.perplexity_cmd(self.f32()) + ["--kl-divergence-base", out], "llama-perplexity (F32 base)")
+        return out
+
+    def perplexity_cmd(self, model: Path) -> list:
+        return [BIN / "llama-perplexity", "-m", model, "-f", TEST_TEXT, "-c", 512, "--chunks", self.chunks,
+                "-t", self.threads]
+
+    def score(self, model: Path) -> dict:
+        text = run(self.perplexity_cmd(model) + ["--kl-divergence-base", self.kld_base(), "--kl-divergence"],
+                   f"llama-perplexity {model.name}")
+        ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", text)
+        kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", text)
+        top1 = re.search(r"Same top p:\s*([0-9.]+)", text)
+        if not (ppl and kld and top1):
+            raise RuntimeError(f"could not read PPL/KLD/top-1 from llama-perplexity:\n{text[-3000:]}")
+        return {"ppl": float(ppl.group(1)), "kld": float(kld.group(1)), "top1": float(top1.group(1)) / 100}
+
+    def cached(self, method: str, digest: str) -> dict | None:
+        for r in self.rows:
+            if r["method"] == method and r["sha256"] == digest and r["protocol"] == self.protocol:
+                return r
+        return None
+
+    def evaluate(self, row: Row) -> dict:
+        path, seconds = self.build(row)
+        digest = sha256(path)
+        hit = self.cached(row.method, digest)
+        if hit is not None:
+            print(f"{row.method}: cached")
+            return hit
+        previous = next((r for r in self.rows if r["method"] == row.method), None)
+        if seconds is None and previous is not None and row.kind != "f32":
+            seconds = previous.get("convert_s")  # the file was made by an earlier run
+        bits, weights = decoder_linear_bits(path)
+        bpw_linear = bits / weights
+        if row.kind == "sign":  # stored densely for evaluation: count what a 1-bit packing with row scales takes
+            bpw_linear = row_sign_bpw(path)
+        size = path.stat().st_size
+        result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / describe(path).dense_parameters,
+                  "size_bytes": size, **self.score(path), "convert_s": seconds, "sha256": digest,
+                  "protocol": self.protocol, "note": row.note, "machine": machine()}
+        self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
+        self.save()
+        return result
+
+    # --- output ----------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        order = {row.method: i for i, row in enumerate(ROWS)}
+        self.rows.sort(key=lambda r: order.get(r["method"], len(order)))
+        self.json_path.write_text(json.dumps(self.rows, indent=1) + "\n")
+        self.json_path.with_suffix(".md").write_text(markdown(self.rows, self))
+        plot(self.rows, self.json_path.with_suffix(".png"), self.name, self.chunks)
+
+
+def row_sign_bpw(path: Path) -> float:
+    shapes = decoder_linear_shapes(path)
+    return sum(o * i + 16 * o for o, i in shapes) / sum(o * i for o, i in shapes)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def markdown(rows: list[dict], bench: Bench) -> str:
+    teacher = next((r["ppl"] for r in rows if r["method"] == "F32"), None)
+    lines = [f"Model `{bench.model.name}`; WikiText-2 test raw, ctx 512, first {bench.chunks} chunks, patched "
+             f"llama-perplexity; kld/top1 against F32. Machine: {rows[0]['machine'] if rows else '-'}.", "",
+             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | convert_s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['ppl'] / teacher:.2f}" if teacher else "-"
+        convert = "-" if r["convert_s"] is None else f"{r['convert_s']:.0f}"
+        lines.append(f"| {r['method']} | {r['bpw_linear']:.3f} | {r['bpw_file']:.3f} | {r['size_bytes']:,} | "
+                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {convert} |")
+    notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot(rows: list[dict], out: Path, name: str, chunks: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, marker, pick in (("llama.cpp", "o", lambda m: not m.startswith(("NQ", "ablation"))),
+                                 ("NanoQuant", "s", lambda m: m.startswith("NQ")),
+                                 ("ablations", "x", lambda m: m.startswith("ablation"))):
+        sel = [r for r in rows if pick(r["method"])]
+        if not sel:
+            continue
+        ax.scatter([r["bpw_linear"] for r in sel], [r["ppl"] for r in sel], marker=marker, label=family)
+        for r in sel:
+            ax.annotate(r["method"].replace("ablation 1.0: ", ""), (r["bpw_linear"], r["ppl"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight of the decoder linear layers (from the file)")
+    ax.set_ylabel(f"WikiText-2 PPL (ctx 512, {chunks} chunks)")
+    ax.set_title(name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="HF folder or GGUF (the teacher)")
+    p.add_argument("--chunks", type=int, default=150)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default="standard", help="converter preset of the NanoQuant rows")
+    p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {list(ROW_NAMES)}")
+    args = p.parse_args(argv)
+    unknown = [r for r in args.rows or [] if r not in ROW_NAMES]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; known: {list(ROW_NAMES)}")
+    if not args.model.exists():
+        p.error(f"{args.model}: no such file or folder")
+    bench = Bench(args.model, args.chunks, args.threads, args.preset)
+    for row in (ROW_NAMES[r] for r in args.rows) if args.rows else ROWS:
+        r = bench.evaluate(row)
+        print(f"{r['method']:<44} bpw_linear {r['bpw_linear']:.3f}  ppl {r['ppl']:.2f}  kld {r['kld']:.4f}  "
+              f"top1 {r['top1']:.3f}", flush=True)
+    bench.save()
+    print(f"wrote {bench.json_path} and .md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The converter's work folder: statistics, finished blocks and the activation streams, so a killed conversion
+continues with `--resume` and writes the same bytes.
+
+Layout: manifest.json (what is being converted, with which settings), stats.pt, block-NNNN.pt (the factorised layers
+of one finished block, signs packed), stream.pt (the block-boundary activations after the last finished block).
+Every file is written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import formats
+from .admm import LowRankBinary
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _pack(signs: torch.Tensor) -> dict:
+    return {"bits": torch.from_numpy(formats.pack_signs(signs.numpy())), "cols": signs.shape[1]}
+
+
+def _unpack(packed: dict) -> torch.Tensor:
+    return torch.from_numpy(formats.unpack_signs(packed["bits"].numpy(), packed["cols"]))
+
+
+class WorkFolder:
+    def __init__(self, path: Path, identity: dict, resume: bool):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if resume:
+            if not manifest.is_file():
+                raise CheckpointError(f"--resume: {manifest} not found (nothing to resume in {self.path})")
+            saved = json.loads(manifest.read_text())
+            if saved != json.loads(json.dumps(identity)):
+                changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+                raise CheckpointError(f"--resume: {self.path} was made by a different conversion "
+                                      f"(differs in: {', '.join(changed)}); remove it or start without --resume")
+        else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise CheckpointError(f"work folder {self.path} is not empty: pass --resume to continue it, "
+                                      f"or remove it")
+            self.path.mkdir(parents=True, exist_ok=True)
+            manifest.write_text(json.dumps(identity, indent=1, sort_keys=True))
+
+    def load_stats(self):
+        path = self.path / "stats.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    def save_stats(self, stats) -> None:
+        _atomic_save(stats, self.path / "stats.pt")
+
+    def _block_path(self, index: int) -> Path:
+        return self.path / f"block-{index:04d}.pt"
+
+    def finished_blocks(self) -> int:
+        """How many leading blocks are finished; the stream must belong to the last of them."""
+        n = 0
+        while self._block_path(n).is_file():
+            n += 1
+        if n and not (self.path / "stream.pt").is_file():
+            return 0
+        if n:
+            stream_block = torch.load(self.path / "stream.pt", weights_only=False)["after_block"]
+            n = min(n, stream_block + 1)
+        return n
+
+    def save_block(self, index: int, layers: dict[str, tuple[LowRankBinary, torch.Tensor | None]],
+                   reports: list, stream: dict) -> None:
+        payload = {
+            "layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": layer.s_pre, "s_post": layer.s_post,
+                              "bias": bias} for name, (layer, bias) in layers.items()},
+            "reports": reports,
+        }
+        _atomic_save(payload, self._block_path(index))
+        _atomic_save(dict(stream, after_block=index), self.path / "stream.pt")
+
+    def load_block(self, index: int) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
+        payload = torch.load(self._block_path(index), weights_only=False)
+        layers = {}
+        for name, t in payload["layers"].items():
+            u, v = _unpack(t["u"]), _unpack(t["v"])
+            layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v),
+                            t["bias"])
+        return layers, payload["reports"]
+
+    def load_stream(self) -> dict:
+        return torch.load(self.path / "stream.pt", weights_only=False)
+
+
+def file_identity(path: Path) -> dict:
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def as_jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): as_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_jsonable(v) for v in obj]
+    if isinstance(obj, (Path, np.generic)):
+        return str(obj)
+    return obj
