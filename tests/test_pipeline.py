@@ -4,8 +4,8 @@ import copy
 import torch
 
 from nanoquant.admm import AdmmSettings, factorize, relative_error
-from nanoquant.reconstruct import (FrozenLowRankBinary, TrainableLowRankBinary, distill_scales,
-                                   DistillSettings, run_block_batched, tune_block)
+from nanoquant.reconstruct import (FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
+                                   logits_from_hidden, run_block_batched, tune_block)
 
 
 def test_admm_export_scale_is_right_even_with_few_iterations():
@@ -54,6 +54,24 @@ def test_factor_tuning_lowers_the_block_loss():
     assert set(final.u.unique().tolist()) <= {-1.0, 1.0}
 
 
+def _last_block_outputs(model, windows):
+    outputs = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda m, args, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach()))
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=w[None], use_cache=False).logits for w in windows])
+    handle.remove()
+    return torch.cat(outputs), logits
+
+
+def test_teacher_logits_from_the_fp_stream_are_the_models_logits():
+    model = _tiny_llama()
+    windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+    hidden, logits = _last_block_outputs(model, windows)
+    with torch.no_grad():
+        assert torch.allclose(logits_from_hidden(model, hidden), logits, atol=1e-5)
+
+
 def test_scale_distillation_lowers_the_kl():
     teacher = _tiny_llama()
     student = copy.deepcopy(teacher)
@@ -62,5 +80,6 @@ def test_scale_distillation_lowers_the_kl():
         layer = factorize(dense.weight, 32, torch.ones(64), torch.ones(64), AdmmSettings(iterations=10))
         setattr(student.model.layers[0].self_attn, name, FrozenLowRankBinary(layer, None))
     windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
-    losses = distill_scales(student, teacher, windows, DistillSettings(steps=40, lr=1e-2))
+    teacher_hidden, _ = _last_block_outputs(teacher, windows)
+    losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=40, lr=1e-2))
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses

@@ -1,6 +1,7 @@
 """Calibration windows and the Hessian-diagonal statistics (method spec section 3.4)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,32 +72,61 @@ class StatsCollector:
     inputs: dict[str, RobustSecondMoment] = field(default_factory=dict)
     grads: dict[str, RobustSecondMoment] = field(default_factory=dict)
 
-    def collect(self, model, windows: torch.Tensor) -> dict[str, LinearStats]:
-        """Forward and backward the next-token loss over each window (empirical Fisher), hooking every listed linear."""
-        modules = dict(model.named_modules())
+    def collect(self, model, blocks, windows: torch.Tensor, scratch: Path) -> dict[str, LinearStats]:
+        """Forward and backward the next-token loss over each window (empirical Fisher), one decoder block at a time:
+        a forward sweep records input moments and keeps every block boundary in `scratch`, a backward sweep from
+        the head records output-gradient moments. Each layer sees the windows in order, as a whole-model pass would,
+        but only one block's weights are needed at once (`blocks` loads and releases them)."""
+        from .reconstruct import capture_block_inputs, logits_from_hidden, run_block
+
+        scratch.mkdir(parents=True, exist_ok=True)
+        self.inputs = {n: RobustSecondMoment() for n in self.names}
+        self.grads = {n: RobustSecondMoment() for n in self.names}
+        data = capture_block_inputs(model, windows)
+        n_layers = len(model.model.layers)
+        boundary = lambda i: scratch / f"boundary-{i:04d}.pt"  # noqa: E731
+        x = data.fp
+        for i in tqdm(range(n_layers), desc="statistics forward", unit="block"):
+            torch.save(x, boundary(i))
+            with self._hooks(model, blocks, i, "forward") as block:
+                with torch.no_grad():
+                    x = torch.cat([run_block(block, x[w:w + 1], data.layer_kwargs[i]) for w in range(x.shape[0])])
+        grads = []
+        for w in range(x.shape[0]):  # the loss model(input_ids, labels=input_ids) computes, per window
+            h = x[w:w + 1].clone().requires_grad_(True)
+            logits = logits_from_hidden(model, h).float()
+            torch.nn.functional.cross_entropy(logits[0, :-1], windows[w, 1:]).backward()
+            grads.append(h.grad)
+        g = torch.cat(grads)
+        for i in tqdm(reversed(range(n_layers)), desc="statistics backward", unit="block", total=n_layers):
+            x_in = torch.load(boundary(i))
+            with self._hooks(model, blocks, i, "backward") as block:
+                g_in = []
+                for w in range(x_in.shape[0]):
+                    xi = x_in[w:w + 1].clone().requires_grad_(True)
+                    run_block(block, xi, data.layer_kwargs[i]).backward(g[w:w + 1])
+                    g_in.append(xi.grad)
+                g = torch.cat(g_in)
+            boundary(i).unlink()
+        return {n: LinearStats(self.inputs[n].value(), self.grads[n].value() / GRAD_SCALE) for n in self.names}
+
+    @contextmanager
+    def _hooks(self, model, blocks, index: int, direction: str):
+        blocks.load(model, index)
+        block = model.model.layers[index]
+        prefix = f"model.layers.{index}."
         handles = []
-        for name in self.names:
-            self.inputs[name] = RobustSecondMoment()
-            self.grads[name] = RobustSecondMoment()
-            module = modules[name]
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, n=name: self.inputs[n].update(args[0])))
-            handles.append(module.register_full_backward_hook(
-                lambda m, gin, gout, n=name: self.grads[n].update(gout[0] * GRAD_SCALE)))
-        params = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)  # lets gradients reach the frozen linears
+        for name in (n for n in self.names if n.startswith(prefix)):
+            module = block.get_submodule(name[len(prefix):])
+            if direction == "forward":
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, n=name: self.inputs[n].update(args[0])))
+            else:
+                handles.append(module.register_full_backward_hook(
+                    lambda m, gin, gout, n=name: self.grads[n].update(gout[0] * GRAD_SCALE)))
         try:
-            for window in tqdm(windows, desc="statistics", unit="window"):
-                ids = window[None]
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-                out.loss.backward()
-                model.zero_grad(set_to_none=True)
+            yield block
         finally:
             for h in handles:
                 h.remove()
-            for p, flag in zip(model.parameters(), params):
-                p.requires_grad_(flag)
-        return {n: LinearStats(self.inputs[n].value(), self.grads[n].value() / GRAD_SCALE)
-                for n in self.names}
+            blocks.release(model, index)

@@ -30,6 +30,7 @@ from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitect
 from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
 from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
                           BlockData, capture_block_inputs, distill_scales, run_block_batched, tune_block)
+from .streaming import ResidentBlocks, SafetensorsBlocks, open_skeleton
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
 
@@ -87,6 +88,7 @@ class Source:
     arch: Architecture
     base_gguf: Path
     path: Path
+    blocks: ResidentBlocks | SafetensorsBlocks
 
 
 def _model_type(model_path: Path) -> str:
@@ -121,26 +123,22 @@ def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
     return out
 
 
-def load_model(model_path: Path):
-    """The full-precision (F32) transformers model and tokenizer of a HF folder or a GGUF file (dequantised)."""
+def load_source(model_path: Path, work_dir: Path) -> Source:
+    """A HF folder streams its blocks from safetensors; a GGUF is dequantised whole (its weights are the teacher,
+    its metadata and small tensors the base file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
     if model_path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model, blocks = open_skeleton(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        base = _base_gguf_from_hf(model_path, work_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-    return model.eval().requires_grad_(False), tokenizer
-
-
-def load_source(model_path: Path, work_dir: Path) -> Source:
-    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
-    model, tokenizer = load_model(model_path)
-    # a HF folder goes through llama.cpp's own converter; a GGUF is its own base (metadata and small tensors)
-    base = _base_gguf_from_hf(model_path, work_dir) if model_path.is_dir() else model_path
-    return Source(model, tokenizer, model.config, arch, base, model_path)
+        blocks, base = ResidentBlocks(), model_path
+    return Source(model, tokenizer, model.config, arch, base, model_path, blocks)
 
 
 def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -180,6 +178,7 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
     prefix = f"model.layers.{index}."
     originals = {linear: block.get_submodule(linear).weight.detach().clone() for linear in arch.linears}
     if data is not None:
+        data.index = index
         target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
         sensitivity = shrink(stats[prefix + arch.sensitivity_linear].output_moment, gamma)
         channel_weights = sensitivity / sensitivity.mean()
@@ -206,8 +205,10 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
             trainables = {linear: TrainableLowRankBinary(layers[linear], biases[linear]) for linear in group}
             for linear, t in trainables.items():
                 _set_submodule(block, linear, t)
-            tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, channel_weights,
-                       tune.factor_steps, tune.seed, tune.batch_windows)
+            first, last = tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target,
+                                     channel_weights, tune.factor_steps, tune.seed, tune.batch_windows)
+            label = group[0] if len(group) == 1 else "all linears"
+            tqdm.write(f"block {index} ({label}): STE tuning, block loss {first:.4g} -> {last:.4g}")
             for linear, t in trainables.items():
                 layers[linear] = t.finalize()
                 biases[linear] = None if t.bias is None else t.bias.detach().clone()
@@ -233,9 +234,12 @@ def quantize_model(source: Source, settings: ConvertSettings,
                                   settings.calib_window_tokens, settings.seed)
     stats = work.load_stats()
     if stats is None:
-        stats = StatsCollector(names).collect(model, windows)
+        scratch = work.path / "scratch"
+        stats = StatsCollector(names).collect(model, source.blocks, windows, scratch)
+        scratch.rmdir()
         work.save_stats(stats)
-    data = capture_block_inputs(model, windows) if settings.tune.enabled else None
+    # the streams are needed by block tuning, and by distillation (the teacher's logits come from the FP stream)
+    data = capture_block_inputs(model, windows) if settings.tune.enabled or settings.distill.steps > 0 else None
     first = work.finished_blocks()
     if first:
         print(f"resuming after block {first - 1}: {first} of {n_layers} blocks are checkpointed in {work.path}")
@@ -246,6 +250,7 @@ def quantize_model(source: Source, settings: ConvertSettings,
     reports: list[LayerReport] = []
     progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(arch.linears))
     for i in range(n_layers):
+        source.blocks.load(model, i)  # the dense block (norms stay; factorised linears replace the rest)
         if i < first:  # finished by an earlier run
             layers, block_reports = work.load_block(i)
             for name, (layer, bias) in layers.items():
@@ -257,10 +262,8 @@ def quantize_model(source: Source, settings: ConvertSettings,
         reports += block_reports
     progress.close()
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
-        teacher, _ = load_model(source.path)
-        losses = distill_scales(model, teacher, windows, settings.distill)
+        losses = distill_scales(model, data.fp, windows, settings.distill)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f}")
-        del teacher
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
                               model.get_submodule(name).bias) for name in names]
     return tensors, reports

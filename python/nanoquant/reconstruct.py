@@ -74,13 +74,14 @@ class TrainableLowRankBinary(torch.nn.Module):
 
 
 class FrozenLowRankBinary(torch.nn.Module):
-    """A finished layer: y = s_post * (U (V (s_pre * x))) + bias, signs fixed; the multiplicative scale offsets stay
-    trainable parameters for model reconstruction (frozen unless a caller enables their gradients)."""
+    """A finished layer: y = s_post * (U (V (s_pre * x))) + bias, signs fixed (held as int8, a quarter of float32);
+    the multiplicative scale offsets stay trainable parameters for model reconstruction (frozen unless a caller
+    enables their gradients)."""
 
     def __init__(self, layer: LowRankBinary, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("u", layer.u)
-        self.register_buffer("v", layer.v)
+        self.register_buffer("u", layer.u.to(torch.int8))
+        self.register_buffer("v", layer.v.to(torch.int8))
         self.register_buffer("s_pre0", layer.s_pre)
         self.register_buffer("s_post0", layer.s_post)
         self.pre_offset = torch.nn.Parameter(torch.zeros_like(layer.s_pre), requires_grad=False)
@@ -89,12 +90,13 @@ class FrozenLowRankBinary(torch.nn.Module):
 
     def forward(self, x):
         s_pre, s_post = self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
-        return lowrank_binary_product(x, self.u, self.v, s_pre, None, s_post, self.bias)
+        return lowrank_binary_product(x, self.u.to(x.dtype), self.v.to(x.dtype), s_pre, None, s_post, self.bias)
 
     @torch.no_grad()
     def layer(self) -> LowRankBinary:
-        return LowRankBinary(u=self.u, v=self.v, s_pre=self.s_pre0 * (1 + self.pre_offset),
-                             s_post=self.s_post0 * (1 + self.post_offset), u_latent=self.u, v_latent=self.v)
+        u, v = self.u.float(), self.v.float()
+        return LowRankBinary(u=u, v=v, s_pre=self.s_pre0 * (1 + self.pre_offset),
+                             s_post=self.s_post0 * (1 + self.post_offset), u_latent=u, v_latent=v)
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,19 @@ class DistillSettings:
     seed: int = 0
 
 
-def distill_scales(student, teacher, windows: torch.Tensor, settings: DistillSettings) -> list[float]:
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its last decoder block's output: final norm, head, and a final soft-cap if the
+    family has one. Norm and head are never quantised, so the student's own are the teacher's."""
+    logits = model.lm_head(model.model.norm(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
+                   settings: DistillSettings) -> list[float]:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
-    T = 1. Teacher logits are recomputed per window, never cached, so memory does not grow with the vocabulary."""
+    T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
+    block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held."""
     if settings.steps <= 0:
         return []
     offsets = [p for m in student.modules() if isinstance(m, FrozenLowRankBinary)
@@ -119,10 +131,10 @@ def distill_scales(student, teacher, windows: torch.Tensor, settings: DistillSet
     try:
         for step in range(settings.steps):
             opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
-            ids = windows[int(torch.randint(0, windows.shape[0], (1,), generator=gen))][None]
+            i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
             with torch.no_grad():
-                p_teacher = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            log_q = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), dim=-1)
+            log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), dim=-1)
             loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -136,42 +148,62 @@ def distill_scales(student, teacher, windows: torch.Tensor, settings: DistillSet
 
 @dataclass
 class BlockData:
-    """Calibration activations at one block boundary and the keyword arguments a decoder layer needs."""
-    fp: torch.Tensor        # N x L x h, input of this block along the full-precision model
-    quantized: torch.Tensor  # N x L x h, input of this block along the partly quantised model
-    kwargs: dict
+    """Calibration activations at one block boundary and the keyword arguments each decoder layer is called with
+    (masks and rotary tables differ between layers in families with local and global attention)."""
+    fp: torch.Tensor          # N x L x h, input of this block along the full-precision model
+    quantized: torch.Tensor   # N x L x h, input of this block along the partly quantised model
+    layer_kwargs: list[dict]
+    index: int = 0            # the block these streams enter
+
+    @property
+    def kwargs(self) -> dict:
+        return self.layer_kwargs[self.index]
 
 
 class _Stop(Exception):
     pass
 
 
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder block: records its input and call arguments, passes the input on unchanged."""
+
+    def __init__(self, index: int, n_layers: int, sink: dict):
+        super().__init__()
+        self.index, self.n_layers, self.sink = index, n_layers, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        if self.index == self.n_layers - 1:
+            raise _Stop  # the head is not needed
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_block_inputs(model, windows: torch.Tensor) -> BlockData:
-    """Run the model up to its first decoder block and keep that block's inputs and call arguments."""
+    """The first block's inputs for every window and every block's call arguments, without running any block
+    (so it works when the blocks' weights are not loaded)."""
     layers = model.model.layers
-    seen: dict = {}
-
-    def hook(module, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    sink: dict = {}
+    model.model.layers = torch.nn.ModuleList(_Recorder(i, len(layers), sink) for i in range(len(layers)))
     hidden = []
     try:
         for window in windows:
             try:
                 model(input_ids=window[None], use_cache=False)
             except _Stop:
-                hidden.append(seen["hidden"][0].clone())
+                pass
+            hidden.append(sink["hidden"][0].clone())
     finally:
-        handle.remove()
-    kwargs = seen["kwargs"]
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
+        model.model.layers = layers
+    layer_kwargs = []
+    for i in range(len(layers)):
+        kwargs = {k: v for k, v in sink["kwargs"][i].items() if k not in ("past_key_values", "hidden_states")}
+        kwargs["use_cache"] = False
+        layer_kwargs.append(kwargs)
     x = torch.stack(hidden)
-    return BlockData(fp=x, quantized=x.clone(), kwargs=kwargs)
+    return BlockData(fp=x, quantized=x.clone(), layer_kwargs=layer_kwargs)
 
 
 def run_block(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -190,15 +222,15 @@ def _cosine(step: int, total: int, lr: float) -> float:
 
 
 def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor, channel_weights: torch.Tensor,
-               steps: int, seed: int, batch_windows: int) -> float:
-    """Adam with a cosine schedule on the weighted block-output MSE; returns the last loss."""
+               steps: int, seed: int, batch_windows: int) -> tuple[float, float]:
+    """Adam with a cosine schedule on the weighted block-output MSE; returns the first and last batch loss."""
     if steps <= 0 or not params:
-        return float("nan")
+        return float("nan"), float("nan")
     opt = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-8)
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
     n = data.quantized.shape[0]
-    loss_value = float("nan")
+    losses = []
     for step in range(steps):
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = _cosine(step, steps, lr)
@@ -208,5 +240,5 @@ def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_value = float(loss.detach())
-    return loss_value
+        losses.append(float(loss.detach()))
+    return losses[0], losses[-1]

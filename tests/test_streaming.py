@@ -1,0 +1,48 @@
+"""Block streaming: a HF folder's blocks are read on demand, and the block-by-block statistics equal a whole-model
+forward/backward pass."""
+import torch
+
+from conftest import make_tiny_model
+from nanoquant.architectures import architecture_for
+from nanoquant.calibration import StatsCollector
+from nanoquant.streaming import ResidentBlocks, open_skeleton
+
+
+def _whole_model_stats(model, names, windows):
+    """The plain way: hooks on every linear, model(input_ids, labels=input_ids).loss.backward() per window."""
+    collector = StatsCollector(names)
+    from nanoquant.calibration import GRAD_SCALE, LinearStats, RobustSecondMoment
+    collector.inputs = {n: RobustSecondMoment() for n in names}
+    collector.grads = {n: RobustSecondMoment() for n in names}
+    handles = []
+    for n in names:
+        m = model.get_submodule(n)
+        handles.append(m.register_forward_hook(lambda mod, a, o, n=n: collector.inputs[n].update(a[0])))
+        handles.append(m.register_full_backward_hook(lambda mod, gi, go, n=n: collector.grads[n].update(go[0] * GRAD_SCALE)))
+    model.get_input_embeddings().weight.requires_grad_(True)
+    for w in windows:
+        model(input_ids=w[None], labels=w[None], use_cache=False).loss.backward()
+    for h in handles:
+        h.remove()
+    return {n: LinearStats(collector.inputs[n].value(), collector.grads[n].value() / GRAD_SCALE) for n in names}
+
+
+def test_streamed_statistics_equal_a_whole_model_pass(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+    hf = make_tiny_model("gemma3", tmp_path / "hf", smol_tokenizer, n_layers=6)  # 5 local-attention blocks, then a global one
+    arch = architecture_for("gemma3_text")
+    names = [f"model.layers.{i}.{linear}" for i in range(6) for linear in arch.linears]
+    windows = torch.randint(0, len(smol_tokenizer), (3, 128), generator=torch.Generator().manual_seed(0))
+
+    whole = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval().requires_grad_(False)
+    expected = _whole_model_stats(whole, names, windows)
+
+    skeleton, blocks = open_skeleton(hf)
+    assert all(p.is_meta for p in skeleton.model.layers.parameters())  # nothing of the blocks is loaded up front
+    streamed = StatsCollector(names).collect(skeleton, blocks, windows, tmp_path / "scratch")
+    assert all(p.is_meta for p in skeleton.model.layers.parameters())  # and every block was released again
+    resident = StatsCollector(names).collect(whole, ResidentBlocks(), windows, tmp_path / "scratch2")
+    for n in names:
+        for got in (streamed[n], resident[n]):
+            assert torch.allclose(got.input_moment, expected[n].input_moment, rtol=1e-4, atol=1e-12), n
+            assert torch.allclose(got.output_moment, expected[n].output_moment, rtol=1e-3, atol=1e-20), n
