@@ -86,6 +86,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def partial(path: Path) -> Path:
+    """Tools write here first; a file under its final name is always complete, so a killed run is never reused."""
+    return path.with_name(path.name + ".partial")
+
+
+def finish(path: Path) -> Path:
+    partial(path).replace(path)
+    return path
+
+
 def run(cmd: list, what: str) -> str:
     print("+", " ".join(map(str, cmd)), flush=True)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace",
@@ -111,16 +121,19 @@ class Bench:
         if not out.is_file():
             if self.model.is_dir():
                 run([sys.executable, REPO / "vendor/llama.cpp/convert_hf_to_gguf.py", self.model, "--outtype", "f32",
-                     "--outfile", out], "convert_hf_to_gguf")
+                     "--outfile", partial(out)], "convert_hf_to_gguf")
             else:  # the F32 dequantisation of a GGUF is its teacher
-                run([BIN / "llama-quantize", "--allow-requantize", self.model, out, "F32"], "llama-quantize F32")
+                run([BIN / "llama-quantize", "--allow-requantize", self.model, partial(out), "F32"],
+                    "llama-quantize F32")
+            finish(out)
         return out
 
     def imatrix(self) -> Path:
         out = self.dir / "imatrix.gguf"
         if not out.is_file():
             run([BIN / "llama-imatrix", "-m", self.f32(), "-f", CALIB_TEXT, "-c", 512, "--chunks", 100,
-                 "-t", self.threads, "-o", out], "llama-imatrix")
+                 "-t", self.threads, "-o", partial(out)], "llama-imatrix")
+            finish(out)
         return out
 
     def build(self, row: Row) -> tuple[Path, float | None]:
@@ -135,20 +148,25 @@ class Bench:
             cmd = [BIN / "llama-quantize", "--allow-requantize"]
             if row.imatrix:
                 cmd += ["--imatrix", self.imatrix()]
-            run(cmd + [self.f32(), out, row.llama_type, self.threads], f"llama-quantize {row.llama_type}")
+            run(cmd + [self.f32(), partial(out), row.llama_type, self.threads], f"llama-quantize {row.llama_type}")
+            finish(out)
         elif row.kind == "nq":
             run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
                  "--bpw", row.bpw, "--preset", self.preset, "--threads", self.threads, *row.converter_args],
                 f"NanoQuant converter ({row.method})")
         elif row.kind == "sign":
-            run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), out], "per-row sign baseline")
+            run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), partial(out)],
+                "per-row sign baseline")
+            finish(out)
         return out, time.time() - start
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def kld_base(self) -> Path:
         out = self.dir / f"F32-logits-{self.chunks}.kld"
         if not out.is_file():
-            run(self.perplexity_cmd(self.f32()) + ["--kl-divergence-base", out], "llama-perplexity (F32 base)")
+            run(self.perplexity_cmd(self.f32()) + ["--kl-divergence-base", partial(out)],
+                "llama-perplexity (F32 base)")
+            finish(out)
         return out
 
     def perplexity_cmd(self, model: Path) -> list:

@@ -54,11 +54,11 @@ class ConvertSettings:
 
 
 PRESETS: dict[str, dict] = {
-    # measured on a 2-core CPU with SmolLM2-135M: see README
-    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=40, dense_steps=0, factor_steps=0,
-                 distill_steps=0, tune_batch=2, tune_scope="block"),
-    "standard": dict(calib_windows=64, calib_window_tokens=512, admm_iterations=100, dense_steps=0,
-                     factor_steps=0, distill_steps=0, tune_batch=2, tune_scope="block"),
+    # sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README)
+    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=30, dense_steps=0, factor_steps=50,
+                 distill_steps=0, tune_batch=1, tune_scope="block"),
+    "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
+                     factor_steps=100, distill_steps=40, tune_batch=1, tune_scope="block"),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
                   factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer"),
@@ -232,12 +232,14 @@ def quantize_model(source: Source, settings: ConvertSettings,
     names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
                                   settings.calib_window_tokens, settings.seed)
+    clock = time.time()
     stats = work.load_stats()
     if stats is None:
         scratch = work.path / "scratch"
         stats = StatsCollector(names).collect(model, source.blocks, windows, scratch)
         scratch.rmdir()
         work.save_stats(stats)
+        print(f"statistics: {time.time() - clock:.0f} s")
     # the streams are needed by block tuning, and by distillation (the teacher's logits come from the FP stream)
     data = capture_block_inputs(model, windows) if settings.tune.enabled or settings.distill.steps > 0 else None
     first = work.finished_blocks()
@@ -248,6 +250,7 @@ def quantize_model(source: Source, settings: ConvertSettings,
         data.fp, data.quantized = stream["fp"], stream["quantized"]
 
     reports: list[LayerReport] = []
+    clock = time.time()
     progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(arch.linears))
     for i in range(n_layers):
         source.blocks.load(model, i)  # the dense block (norms stay; factorised linears replace the rest)
@@ -261,9 +264,12 @@ def quantize_model(source: Source, settings: ConvertSettings,
             work.save_block(i, layers, block_reports, stream)
         reports += block_reports
     progress.close()
+    print(f"blocks: {time.time() - clock:.0f} s")
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
+        clock = time.time()
         losses = distill_scales(model, data.fp, windows, settings.distill)
-        print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f}")
+        print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
+              f"in {time.time() - clock:.0f} s")
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
                               model.get_submodule(name).bias) for name in names]
     return tensors, reports

@@ -20,8 +20,8 @@ class TuneSettings:
     dense_steps: int = 0          # step 1: Adam steps on the remaining dense weights before each factorisation
     dense_lr: float = 1e-4
     factor_steps: int = 0         # step 3: Adam steps on the layer just factorised
-    latent_lr: float = 1e-3       # relative to the layer's mean |latent|, so it means the same for every layer
-    scale_lr: float = 2e-3        # on the multiplicative scale offsets s = s0 (1 + delta)
+    latent_lr: float = 3e-2       # relative to the layer's mean |latent|, so it means the same for every layer
+    scale_lr: float = 5e-3        # on the multiplicative scale offsets s = s0 (1 + delta)
     batch_windows: int = 4
     scope: str = "block"          # "block": paper Algorithm 1, one tuning per block; "layer": per linear (reference)
     seed: int = 0

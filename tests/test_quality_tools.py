@@ -1,0 +1,39 @@
+"""The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline."""
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, make_tiny_model
+from nanoquant.baselines import row_sign, write_sign_baseline
+from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
+from nanoquant.reference import open_gguf
+
+
+def test_row_sign_is_the_l2_optimal_row_binarisation():
+    w = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    b = row_sign(w)
+    assert np.array_equal(np.sign(b), np.sign(w))
+    for row, approx in zip(w, b):  # the best alpha for alpha * sign(row) is mean |row|
+        alphas = np.linspace(0.5, 1.5, 101) * np.abs(row).mean()
+        errors = [np.sum((row - a * np.sign(row)) ** 2) for a in alphas]
+        assert np.isclose(abs(approx[0]), alphas[int(np.argmin(errors))], rtol=0.011)
+
+
+def test_sign_baseline_and_linear_bits(tmp_path, smol_tokenizer, tiny_nq_models):
+    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
+    f32 = tmp_path / "f32.gguf"
+    subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
+                    "--outfile", str(f32)], check=True, capture_output=True)
+    bits, weights = decoder_linear_bits(f32)
+    assert bits == 32 * weights and len(decoder_linear_shapes(f32)) == 14
+    out = tmp_path / "sign.gguf"
+    assert write_sign_baseline(f32, out) == 14
+    bits, weights = decoder_linear_bits(out)
+    assert bits == 16 * weights  # stored as F16 for evaluation
+    t = next(t for t in open_gguf(out).tensors if t.name == "blk.0.ffn_up.weight")
+    values = np.asarray(t.data, dtype=np.float32)
+    assert np.allclose(np.abs(values), np.abs(values[:, :1]))  # one magnitude per row
+    nq = tiny_nq_models["llama"]
+    bits, weights = decoder_linear_bits(nq)
+    assert np.isclose(bits / weights, describe(nq).bpw_linear)
