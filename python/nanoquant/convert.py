@@ -55,7 +55,7 @@ class ConvertSettings:
 
 PRESETS: dict[str, dict] = {
     # sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README)
-    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=30, dense_steps=0, factor_steps=50,
+    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
                  distill_steps=0, tune_batch=1, tune_scope="block"),
     "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
                      factor_steps=100, distill_steps=40, tune_batch=1, tune_scope="block"),
