@@ -9,7 +9,6 @@ the 1-bit packing plus one 16-bit scale per row would take.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from .fileinfo import DECODER_LINEAR
-from .gguf_writer import copy_metadata
+from .gguf_writer import copy_metadata, finish_gguf
 
 
 def row_sign(weight: np.ndarray) -> np.ndarray:
@@ -42,15 +41,11 @@ def write_sign_baseline(f32_path: Path, out_path: Path) -> int:
                 changed += 1
             else:
                 writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    finish_gguf(writer, tmp, out_path)
     return changed
 
 

@@ -56,6 +56,20 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str] = froze
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
 
 
+def finish_gguf(writer: GGUFWriter, tmp_path: Path, out_path: Path, progress: bool = False) -> None:
+    """Write a filled GGUFWriter (opened on tmp_path) and rename it to out_path; on failure remove tmp_path."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        writer.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
 def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], other_type: GGMLQuantizationType,
                   extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
     base_path, out_path = Path(base_path), Path(out_path)
@@ -90,12 +104,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
                               (formats.SUFFIX_S_POST, layer.s_post)):
                 if s is not None:
                     writer.add_tensor(f"{layer.base}.{suffix}", np.ascontiguousarray(s, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=True)
-        writer.close()
-        os.replace(tmp_path, out_path)
     except BaseException:
         writer.close()
         tmp_path.unlink(missing_ok=True)
         raise
+    finish_gguf(writer, tmp_path, out_path, progress=True)
