@@ -23,7 +23,7 @@ PATCHES       := $(wildcard ggml_patches/*.patch)
 CPP_SOURCES   := $(wildcard cpp/*) $(wildcard python/bindings/*) CMakeLists.txt
 CCACHE        := $(shell command -v ccache 2>/dev/null)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean aarch64-tools
 setup: $(BUILD_STAMP) $(GGUF_STAMP) $(TEACHER)
 
 $(VENV_STAMP): requirements.txt
@@ -66,7 +66,15 @@ $(DEMO_OUT): $(TEACHER) $(wildcard python/nanoquant/*.py) | setup
 demo: setup $(DEMO_OUT)
 	$(PY) -m nanoquant.demo --model $(DEMO_OUT) --bin $(BIN)
 
-test: setup
+# NEON kernels are tested under qemu-user; tests/test_lut_kernels.py skips with a reason where these cannot be had
+AARCH64_TOOLS := $(shell command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && echo yes)
+aarch64-tools:
+ifneq ($(AARCH64_TOOLS),yes)
+	-apt-get install -y -q --no-install-recommends gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user \
+	    || echo "aarch64 cross tools could not be installed: the NEON kernel test will be skipped"
+endif
+
+test: setup aarch64-tools
 	$(PY) -m pytest -q tests
 
 clean:

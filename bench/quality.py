@@ -7,6 +7,9 @@ KL divergence to the F32 model's token distributions (llama-perplexity --kl-dive
 positions where both pick the same top token. llama.cpp's importance-matrix types take an imatrix made by
 llama-imatrix on the calibration text (WikiText-2 validation), never on the test text.
 
+Every NanoQuant row is also scored by the Python reference forward (nanoquant.reference, gguf-py + torch, no
+llama.cpp code) on the first REF_CHUNKS chunks; `ref_rel_diff` is |PPL(llama) - PPL(python)| / PPL(python) there.
+
 Every row is cached in bench/results/quality-<model>.json under the sha256 of its file and the protocol, so the table
 can be completed over several runs (files live in bench/results/<model>/, git-ignored). Writes the .json, a .md table
 and a Pareto plot (PPL against bpw_linear) as .png.
@@ -35,6 +38,8 @@ TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB_TEXT = REPO / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = REPO / "bench" / "results"
+REF_CHUNKS = 8     # chunks scored twice, by llama-perplexity and by the Python reference forward
+REF_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ ROWS = [
     Row("NQ 1.0", "nq", bpw=1.0),
     Row("NQ 0.8", "nq", bpw=0.8),
     Row("NQ 0.55", "nq", bpw=0.55),
+    Row("NQ 1.0 (fast preset)", "nq", bpw=1.0, converter_args=("--preset", "fast"),
+        note="--preset fast, the make-demo setting; its convert_s is the fast preset's time"),
     Row("ablation 1.0: per-row sign", "sign", bpw=1.0,
         note="alpha_row * sign(W), stored as F16 for evaluation; bpw_linear is the 1-bit packing's"),
     Row("ablation 1.0: ADMM init only", "nq", bpw=1.0,
@@ -169,19 +176,34 @@ class Bench:
             finish(out)
         return out
 
-    def perplexity_cmd(self, model: Path) -> list:
-        return [BIN / "llama-perplexity", "-m", model, "-f", TEST_TEXT, "-c", 512, "--chunks", self.chunks,
+    def perplexity_cmd(self, model: Path, chunks: int | None = None) -> list:
+        return [BIN / "llama-perplexity", "-m", model, "-f", TEST_TEXT, "-c", 512, "--chunks", chunks or self.chunks,
                 "-t", self.threads]
 
     def score(self, model: Path) -> dict:
         text = run(self.perplexity_cmd(model) + ["--kl-divergence-base", self.kld_base(), "--kl-divergence"],
                    f"llama-perplexity {model.name}")
         ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", text)
-        kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", text)
+        kld = re.search(r"Mean\s+KLD:\s*(-?[0-9.]+)", text)
         top1 = re.search(r"Same top p:\s*([0-9.]+)", text)
         if not (ppl and kld and top1):
             raise RuntimeError(f"could not read PPL/KLD/top-1 from llama-perplexity:\n{text[-3000:]}")
         return {"ppl": float(ppl.group(1)), "kld": float(kld.group(1)), "top1": float(top1.group(1)) / 100}
+
+    def reference_check(self, model: Path) -> float:
+        """Relative PPL difference between llama-perplexity and the Python reference forward on REF_CHUNKS chunks."""
+        from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity, perplexity_tokens
+
+        text = run(self.perplexity_cmd(model, REF_CHUNKS), f"llama-perplexity {model.name} ({REF_CHUNKS} chunks)")
+        ppl_cpp = float(re.search(r"Final estimate: PPL = ([0-9.]+)", text).group(1))
+        net, tokenizer, _ = load_reference_model(model)
+        add_bos = gguf_add_bos(open_gguf(model))
+        tokens = perplexity_tokens(tokenizer, TEST_TEXT.read_text(encoding="utf-8"), add_bos)
+        ppl_py = perplexity(net, tokens, 512, REF_CHUNKS, tokenizer.bos_token_id if add_bos else None)
+        diff = abs(ppl_cpp - ppl_py) / ppl_py
+        print(f"reference check over {REF_CHUNKS} chunks: llama-perplexity {ppl_cpp:.3f}, python {ppl_py:.3f}, "
+              f"relative difference {diff:.2e}{'' if diff < REF_TOLERANCE else ' -- OVER THE 1% TOLERANCE'}")
+        return diff
 
     def cached(self, method: str, digest: str) -> dict | None:
         for r in self.rows:
@@ -205,7 +227,8 @@ class Bench:
             bpw_linear = row_sign_bpw(path)
         size = path.stat().st_size
         result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / describe(path).dense_parameters,
-                  "size_bytes": size, **self.score(path), "convert_s": seconds, "sha256": digest,
+                  "size_bytes": size, **self.score(path), "convert_s": seconds,
+                  "ref_rel_diff": self.reference_check(path) if row.kind == "nq" else None, "sha256": digest,
                   "protocol": self.protocol, "note": row.note, "machine": machine()}
         self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
         self.save()
@@ -235,13 +258,14 @@ def markdown(rows: list[dict], bench: Bench) -> str:
     teacher = next((r["ppl"] for r in rows if r["method"] == "F32"), None)
     lines = [f"Model `{bench.model.name}`; WikiText-2 test raw, ctx 512, first {bench.chunks} chunks, patched "
              f"llama-perplexity; kld/top1 against F32. Machine: {rows[0]['machine'] if rows else '-'}.", "",
-             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | convert_s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | convert_s | ref_rel_diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['ppl'] / teacher:.2f}" if teacher else "-"
         convert = "-" if r["convert_s"] is None else f"{r['convert_s']:.0f}"
+        ref = "-" if r.get("ref_rel_diff") is None else f"{r['ref_rel_diff']:.1e}"
         lines.append(f"| {r['method']} | {r['bpw_linear']:.3f} | {r['bpw_file']:.3f} | {r['size_bytes']:,} | "
-                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {convert} |")
+                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {convert} | {ref} |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

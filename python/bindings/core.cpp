@@ -150,6 +150,8 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
     return y;
 }
 
+void register_mul_mat_bench(py::module_ & m);  // mul_mat_bench.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "NQ1 packing and low-rank binary products through the patched ggml";
     ggml_cpu_init();  // fills the fp16 conversion tables the kernels read
@@ -169,4 +171,5 @@ PYBIND11_MODULE(_core, m) {
     m.def("lowrank_binary_matmul", &lowrank_binary_matmul, py::arg("x"), py::arg("v_signs"), py::arg("u_signs"),
           py::arg("s_pre"), py::arg("s_mid"), py::arg("s_post"), py::arg("n_threads") = 1,
           "y = s_post * (U (s_mid * (V (s_pre * x)))) on ggml's CPU backend; x is [tokens, d_in]");
+    register_mul_mat_bench(m);
 }

@@ -1,0 +1,136 @@
+"""Kernel benchmark: one layer's product, NanoQuant against llama.cpp's types, on ggml's CPU backend in this process.
+
+    .venv/bin/python bench/kernels.py [--reps 7] [--threads 1 2] [--batches 1 128] [--shapes smollm2 large]
+
+A NanoQuant layer of d_out x d_in at a given bpw is the graph llama.cpp runs for it (s_pre, V, U, s_post as the converter
+writes by default; rank from the method's rank rule); a llama.cpp type is one mul_mat of the dense d_out x d_in weight (types whose block
+does not divide d_in are left out). Weights are random (speed only) and placed as llama.cpp places them with repacking
+on (CPU_REPACK where ggml has a repacked kernel: Q4_0, NQ1). Every repetition runs every configuration once, in turn,
+so drift on the machine hits all of them alike; the table gives medians. Memory bandwidth is measured by streaming a
+1 GiB buffer with numpy (one thread) and reported with the large shapes.
+Writes bench/results/kernels.json: a list of {shape, d_out, d_in, type, bpw, threads, batch, median_us, repacked}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from nanoquant import _core  # noqa: E402
+from nanoquant.formats import LayerBits, rank_for_bpw  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+SHAPES = {
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "large": [(4096, 4096), (11008, 4096), (4096, 11008)],
+}
+LLAMA_TYPES = ["F16", "Q8_0", "Q4_0", "Q2_K", "TQ1_0", "TQ2_0", "IQ1_S", "Q1_0"]
+NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
+BLOCK = {name: T[name] for name in LLAMA_TYPES}
+MIN_SECONDS = 0.02  # each timed call runs long enough for the clock
+
+
+def bits_per_weight(type_name: str) -> float:
+    from gguf.constants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[T[type_name]]
+    return 8 * size / block
+
+
+def configs(shapes, threads, batches):
+    from gguf.constants import GGML_QUANT_SIZES
+    for group in shapes:
+        for d_out, d_in in SHAPES[group]:
+            for n_threads in threads:
+                for batch in batches:
+                    base = {"shape": f"{d_out}x{d_in}", "d_out": d_out, "d_in": d_in, "threads": n_threads,
+                            "batch": batch, "group": group}
+                    for name, bpw in NQ_BPW.items():
+                        rank = rank_for_bpw(d_out, d_in, bpw)
+                        yield {**base, "type": name, "bpw": LayerBits(d_out, d_in, rank).bpw, "rank": rank}
+                    for name in LLAMA_TYPES:
+                        if d_in % GGML_QUANT_SIZES[T[name]][0] == 0:
+                            yield {**base, "type": name, "bpw": bits_per_weight(name), "rank": 0}
+
+
+def make(cfg):
+    type_id = _core.NQ1_TYPE_ID if cfg["type"].startswith("NQ") else int(T[cfg["type"]])
+    return _core.MulMatBench(type_id, cfg["d_out"], cfg["d_in"], cfg["batch"], cfg["threads"], True, cfg["rank"])
+
+
+def read_bandwidth_gbs() -> float:
+    """One thread summing a 1 GiB int64 buffer (numpy), best of 5: what a GEMV streaming its weights can hope for."""
+    buf = np.ones(1 << 27, dtype=np.int64)
+    best = min(_timed(lambda: buf.sum()) for _ in range(5))
+    return buf.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kernels.json")
+    args = p.parse_args(argv)
+
+    cfgs = list(configs(args.shapes, args.threads, args.batches))
+    print(f"{len(cfgs)} configurations, {args.reps} interleaved repetitions", flush=True)
+    benches, iters = [], []
+    for cfg in cfgs:  # one object per configuration, built once; calibrate the iteration count
+        b = make(cfg)
+        cfg["repacked"] = b.repacked
+        once = b.time(1)
+        benches.append(b)
+        iters.append(max(1, int(MIN_SECONDS / max(once, 1e-7))))
+    samples = [[] for _ in cfgs]
+    for rep in range(args.reps):
+        for i, b in enumerate(benches):
+            samples[i].append(b.time(iters[i]))
+        print(f"repetition {rep + 1}/{args.reps} done", flush=True)
+    rows = []
+    for cfg, s in zip(cfgs, samples):
+        rows.append({k: cfg[k] for k in ("shape", "d_out", "d_in", "type", "bpw", "threads", "batch", "repacked")}
+                    | {"median_us": statistics.median(s) * 1e6, "rank": cfg["rank"]})
+    bandwidth = read_bandwidth_gbs()
+    report(rows, bandwidth)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".partial")
+    tmp.write_text(json.dumps({"read_bandwidth_gbs_1_thread": bandwidth, "rows": rows}, indent=1) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def report(rows, bandwidth):
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["shape"], r["threads"], r["batch"]), {})[r["type"]] = r
+    print(f"\nmedian microseconds per product; ratio = type's time / NQ-1.0's time (>1: NQ-1.0 faster)")
+    print(f"one-thread read bandwidth (numpy sum over 1 GiB): {bandwidth:.1f} GB/s\n")
+    for (shape, threads, batch), group in by_key.items():
+        nq = group["NQ-1.0"]["median_us"]
+        cells = [f"{t} {r['median_us']:.1f}us ({r['median_us'] / nq:.2f}x)" for t, r in group.items()]
+        print(f"{shape:>11} t{threads} b{batch:<4} " + " | ".join(cells))
+        if batch == 1:
+            nq_row = group["NQ-1.0"]
+            weight_bytes = nq_row["bpw"] * nq_row["d_out"] * nq_row["d_in"] / 8
+            print(f"{'':>21} NQ-1.0 streams {weight_bytes / nq / 1e3:.1f} GB/s of weights "
+                  f"({100 * weight_bytes / nq / 1e3 / bandwidth:.0f}% of the measured read bandwidth)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+// Table-lookup NQ1 GEMV: scalar reference, AVX2 and NEON (aarch64), selected in nq1_lut_gemv. See nq1-lut.h.
+#include "nq1-lut.h"
+
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NQ1_LUT_AVX2 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#define NQ1_LUT_NEON 1
+#endif
+
+#define GROUP        4                        // activations per table
+#define ENTRIES      16                       // 2^GROUP
+#define GROUPS       (NQ1_LUT_BLOCK / GROUP)  // tables per scale
+#define ALIGN        64
+
+// Table memory of a vector of length k: k/NQ1_LUT_BLOCK float scales, padded to ALIGN, then k/GROUP tables of
+// ENTRIES int8 values (group g of block b at table index b*GROUPS + g).
+static size_t scales_bytes(int64_t k) {
+    const size_t raw = (size_t) (k / NQ1_LUT_BLOCK) * sizeof(float);
+    return (raw + ALIGN - 1) / ALIGN * ALIGN;
+}
+
+size_t nq1_lut_tables_size(int64_t k) {
+    return scales_bytes(k) + (size_t) (k / GROUP) * ENTRIES;
+}
+
+static const float * table_scales(const void * tables) {
+    return (const float *) tables;
+}
+
+static const int8_t * table_entries(const void * tables, int64_t k) {
+    return (const int8_t *) tables + scales_bytes(k);
+}
+
+// --- repacking ------------------------------------------------------------------------------------------------------
+// tile t, byte column j, row i of the tile  <->  canonical row t*TILE + i, byte j
+void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, int64_t k) {
+    assert(n_rows % NQ1_LUT_TILE == 0 && k % NQ1_LUT_BLOCK == 0);
+    const int64_t row_bytes = k / 8;
+    for (int64_t t = 0; t < n_rows / NQ1_LUT_TILE; t++) {
+        uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        for (int64_t i = 0; i < NQ1_LUT_TILE; i++) {
+            const uint8_t * row = canonical + (t * NQ1_LUT_TILE + i) * row_bytes;
+            for (int64_t j = 0; j < row_bytes; j++) {
+                tile[j * NQ1_LUT_TILE + i] = row[j];
+            }
+        }
+    }
+}
+
+void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, int64_t k) {
+    assert(n_rows % NQ1_LUT_TILE == 0 && k % NQ1_LUT_BLOCK == 0);
+    const int64_t row_bytes = k / 8;
+    for (int64_t t = 0; t < n_rows / NQ1_LUT_TILE; t++) {
+        const uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        for (int64_t i = 0; i < NQ1_LUT_TILE; i++) {
+            uint8_t * row = canonical + (t * NQ1_LUT_TILE + i) * row_bytes;
+            for (int64_t j = 0; j < row_bytes; j++) {
+                row[j] = tile[j * NQ1_LUT_TILE + i];
+            }
+        }
+    }
+}
+
+// --- tables ---------------------------------------------------------------------------------------------------------
+// Plain C on every CPU (no -ffast-math anywhere), so all kernels read identical tables.
+void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
+    assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
+    float * scales = (float *) tables;
+    int8_t * entries = (int8_t *) tables + scales_bytes(k);
+    for (int64_t b = block_begin; b < block_end; b++) {
+        const float * xb = x + b * NQ1_LUT_BLOCK;
+        float sums[GROUPS][ENTRIES / 2];
+        float amax = 0.0f;  // the largest |sum| of the block: rounding is monotonic, so no sum exceeds it
+        for (int g = 0; g < GROUPS; g++) {
+            const float * xg = xb + g * GROUP;
+            const float abs_sum = ((fabsf(xg[3]) + fabsf(xg[2])) + fabsf(xg[1])) + fabsf(xg[0]);
+            amax = abs_sum > amax ? abs_sum : amax;
+            for (int n = 0; n < ENTRIES / 2; n++) {  // bit 3 clear: +x3; the other half is the negation
+                float s = xg[3];
+                s += (n & 4) ? -xg[2] : xg[2];
+                s += (n & 2) ? -xg[1] : xg[1];
+                s += (n & 1) ? -xg[0] : xg[0];
+                sums[g][n] = s;
+            }
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        scales[b] = amax / 127.0f;
+        for (int g = 0; g < GROUPS; g++) {
+            int8_t * table = entries + (b * GROUPS + g) * ENTRIES;
+            for (int n = 0; n < ENTRIES / 2; n++) {
+                const int8_t q = (int8_t) nearbyintf(sums[g][n] * inv);  // ties to even: symmetric, so -q is exact
+                table[n] = q;
+                table[ENTRIES - 1 - n] = (int8_t) -q;
+            }
+        }
+    }
+}
+
+// --- kernels --------------------------------------------------------------------------------------------------------
+void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                      float * y) {
+    const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
+    const float * scales = table_scales(tables);
+    const int8_t * entries = table_entries(tables, k);
+    for (int64_t t = tile_begin; t < tile_end; t++) {
+        const uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        for (int i = 0; i < NQ1_LUT_TILE; i++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < n_blocks; b++) {
+                int sum = 0;  // exact: at most GROUPS * 127 in magnitude
+                for (int jj = 0; jj < NQ1_LUT_BLOCK / 8; jj++) {
+                    const int64_t j = b * (NQ1_LUT_BLOCK / 8) + jj;
+                    const uint8_t byte = tile[j * NQ1_LUT_TILE + i];
+                    sum += entries[(2 * j) * ENTRIES + (byte & 15)] + entries[(2 * j + 1) * ENTRIES + (byte >> 4)];
+                }
+                acc = fmaf(scales[b], (float) sum, acc);
+            }
+            y[(t - tile_begin) * NQ1_LUT_TILE + i] = acc;
+        }
+    }
+}
+
+#if defined(NQ1_LUT_AVX2)
+static void gemv_avx2(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                      float * y) {
+    const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
+    const float * scales = table_scales(tables);
+    const int8_t * entries = table_entries(tables, k);
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int64_t t = tile_begin; t < tile_end; t++) {
+        const uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        // rows 0-7, 8-15, 16-23, 24-31
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n_blocks; b++) {
+            // interleaving the lookups of a byte's two nibbles lets maddubs add them into int16 per row:
+            // sum_a holds rows 0-7 | 16-23, sum_b rows 8-15 | 24-31
+            __m256i sum_a = _mm256_setzero_si256(), sum_b = _mm256_setzero_si256();
+            for (int jj = 0; jj < NQ1_LUT_BLOCK / 8; jj++) {
+                const int64_t j = b * (NQ1_LUT_BLOCK / 8) + jj;
+                const __m256i w = _mm256_loadu_si256((const __m256i *) (tile + j * NQ1_LUT_TILE));
+                const __m256i lo = _mm256_and_si256(w, low_nibble);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low_nibble);
+                const __m256i t_lo = _mm256_broadcastsi128_si256(
+                    _mm_loadu_si128((const __m128i *) (entries + (2 * j) * ENTRIES)));
+                const __m256i t_hi = _mm256_broadcastsi128_si256(
+                    _mm_loadu_si128((const __m128i *) (entries + (2 * j + 1) * ENTRIES)));
+                const __m256i v_lo = _mm256_shuffle_epi8(t_lo, lo);
+                const __m256i v_hi = _mm256_shuffle_epi8(t_hi, hi);
+                sum_a = _mm256_add_epi16(sum_a, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(v_lo, v_hi)));
+                sum_b = _mm256_add_epi16(sum_b, _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(v_lo, v_hi)));
+            }
+            const __m256 d = _mm256_set1_ps(scales[b]);
+            acc0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum_a))), acc0);
+            acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum_a, 1))), acc2);
+            acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum_b))), acc1);
+            acc3 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum_b, 1))), acc3);
+        }
+        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
+        _mm256_storeu_ps(out + 0, acc0);
+        _mm256_storeu_ps(out + 8, acc1);
+        _mm256_storeu_ps(out + 16, acc2);
+        _mm256_storeu_ps(out + 24, acc3);
+    }
+}
+#endif
+
+#if defined(NQ1_LUT_NEON)
+static inline float32x4_t fma_i32(float32x4_t acc, int32x4_t v, float d) {
+    return vfmaq_f32(acc, vdupq_n_f32(d), vcvtq_f32_s32(v));
+}
+
+static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                      float * y) {
+    const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
+    const float * scales = table_scales(tables);
+    const int8_t * entries = table_entries(tables, k);
+    const uint8x16_t low_nibble = vdupq_n_u8(0x0F);
+    for (int64_t t = tile_begin; t < tile_end; t++) {
+        const uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        float32x4_t acc[8];
+        for (int q = 0; q < 8; q++) {
+            acc[q] = vdupq_n_f32(0.0f);
+        }
+        for (int64_t b = 0; b < n_blocks; b++) {
+            int16x8_t sum[4] = { vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0) };  // rows 8q..8q+7
+            for (int jj = 0; jj < NQ1_LUT_BLOCK / 8; jj++) {
+                const int64_t j = b * (NQ1_LUT_BLOCK / 8) + jj;
+                const int8x16_t t_lo = vld1q_s8(entries + (2 * j) * ENTRIES);
+                const int8x16_t t_hi = vld1q_s8(entries + (2 * j + 1) * ENTRIES);
+                for (int h = 0; h < 2; h++) {  // rows 16h .. 16h+15
+                    const uint8x16_t w = vld1q_u8(tile + j * NQ1_LUT_TILE + 16 * h);
+                    const int8x16_t v_lo = vqtbl1q_s8(t_lo, vandq_u8(w, low_nibble));
+                    const int8x16_t v_hi = vqtbl1q_s8(t_hi, vshrq_n_u8(w, 4));
+                    sum[2 * h] = vaddq_s16(sum[2 * h], vaddl_s8(vget_low_s8(v_lo), vget_low_s8(v_hi)));
+                    sum[2 * h + 1] = vaddq_s16(sum[2 * h + 1], vaddl_high_s8(v_lo, v_hi));
+                }
+            }
+            for (int q = 0; q < 4; q++) {
+                acc[2 * q] = fma_i32(acc[2 * q], vmovl_s16(vget_low_s16(sum[q])), scales[b]);
+                acc[2 * q + 1] = fma_i32(acc[2 * q + 1], vmovl_high_s16(sum[q]), scales[b]);
+            }
+        }
+        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
+        for (int q = 0; q < 8; q++) {
+            vst1q_f32(out + 4 * q, acc[q]);
+        }
+    }
+}
+#endif
+
+// the one place that picks the kernel
+void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                  float * y) {
+#if defined(NQ1_LUT_AVX2)
+    gemv_avx2(tiled, k, tile_begin, tile_end, tables, y);
+#elif defined(NQ1_LUT_NEON)
+    gemv_neon(tiled, k, tile_begin, tile_end, tables, y);
+#else
+    nq1_lut_gemv_ref(tiled, k, tile_begin, tile_end, tables, y);
+#endif
+}
+
+const char * nq1_lut_kernel_name(void) {
+#if defined(NQ1_LUT_AVX2)
+    return "avx2";
+#elif defined(NQ1_LUT_NEON)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}

@@ -1,0 +1,47 @@
+// Table-lookup GEMV/GEMM for NQ1 sign matrices (T-MAC style), free of ggml so it can be tested on its own.
+//
+// Activations: every group of 4 consecutive values becomes a 16-entry table of all sums +-x0 +-x1 +-x2 +-x3, indexed
+// by the 4 sign bits of a weight nibble (bit b set = -x_b, as in NQ1). Entry 15-n is minus entry n, so only 8 sums per
+// group are computed. Tables are int8 with one float scale per NQ1_LUT_BLOCK activations.
+//
+// Weights: the canonical NQ1 rows are repacked into tiles of NQ1_LUT_TILE rows; inside a tile, byte column j of all
+// its rows is contiguous. One 16-byte table lookup (pshufb / tbl) then serves 16 rows at once.
+//
+// Every path forms the same exact int16 sum per row and block and accumulates the blocks with fused multiply-adds in
+// the same order, so SIMD results equal the scalar reference bit for bit.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NQ1_LUT_TILE  32   // rows per repacked tile
+#define NQ1_LUT_BLOCK 32   // activations per table scale (8 groups of 4)
+
+// bytes of the tables of one activation vector of length k (k a multiple of NQ1_LUT_BLOCK)
+size_t nq1_lut_tables_size(int64_t k);
+
+// canonical NQ1 rows (n_rows x k/8 bytes, n_rows a multiple of NQ1_LUT_TILE) <-> tiled layout of the same size
+void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, int64_t k);
+void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, int64_t k);
+
+// tables of blocks [block_begin, block_end) of one activation vector x of length k; the same code on every CPU
+void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables);
+
+// y[i] = sum_j sign(W[tile_begin*TILE + i, j]) * x[j] for the rows of tiles [tile_begin, tile_end), from one
+// vector's tables; y gets (tile_end - tile_begin) * NQ1_LUT_TILE values.
+void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                  float * y);
+// the scalar reference of nq1_lut_gemv
+void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                      float * y);
+
+// which nq1_lut_gemv this build selected: "avx2", "neon" or "scalar"
+const char * nq1_lut_kernel_name(void);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,38 @@
+"""The table-lookup kernels of cpp/nq1-lut.c, compiled on their own: natively (AVX2 here), without SIMD, and for
+aarch64 (NEON) run under qemu-user. Each build checks its kernel against the scalar reference bit for bit."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [REPO / "cpp" / "nq1-lut.c", REPO / "tests" / "kernels" / "nq1_lut_test.c"]
+AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
+
+BUILDS = {
+    "native": (["gcc", "-O2", "-march=native"], []),
+    "scalar": (["gcc", "-O2", "-mno-avx2"], []),
+    "neon": (["aarch64-linux-gnu-gcc", "-O2", "-march=armv8-a"], ["qemu-aarch64", "-L", str(AARCH64_SYSROOT)]),
+}
+EXPECTED_KERNEL = {"scalar": "scalar", "neon": "neon"}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_lut_kernel_equals_scalar_reference(build, tmp_path):
+    compiler, runner = BUILDS[build]
+    missing = [tool for tool in compiler[:1] + runner[:1] if shutil.which(tool) is None]
+    if missing:
+        # `make test` installs them (gcc-aarch64-linux-gnu, qemu-user) where apt can; say why they are absent
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages gcc-aarch64-linux-gnu, qemu-user)")
+    exe = tmp_path / f"nq1_lut_test_{build}"
+    cc = subprocess.run(compiler + ["-Wall", "-Wextra", "-Werror", f"-I{REPO / 'cpp'}", *map(str, SOURCES), "-lm",
+                                    "-o", str(exe)], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    run = subprocess.run(runner + [str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.stdout.strip().endswith("all ok")
+    kernels = {line.split()[0] for line in run.stdout.splitlines()[:-1]}
+    assert len(kernels) == 1, kernels
+    if build in EXPECTED_KERNEL:  # the native build takes whatever this CPU offers
+        assert kernels == {EXPECTED_KERNEL[build]}
