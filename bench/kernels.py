@@ -125,7 +125,7 @@ def report(rows, bandwidth):
         nq = group["NQ-1.0"]["median_us"]
         cells = [f"{t} {r['median_us']:.1f}us ({r['median_us'] / nq:.2f}x)" for t, r in group.items()]
         print(f"{shape:>11} t{threads} b{batch:<4} " + " | ".join(cells))
-        if batch == 1:
+        if batch == 1 and group["NQ-1.0"]["d_out"] * group["NQ-1.0"]["d_in"] >= 1 << 24:  # beyond the caches
             nq_row = group["NQ-1.0"]
             weight_bytes = nq_row["bpw"] * nq_row["d_out"] * nq_row["d_in"] / 8
             print(f"{'':>21} NQ-1.0 streams {weight_bytes / nq / 1e3:.1f} GB/s of weights "

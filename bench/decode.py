@@ -1,0 +1,200 @@
+"""End-to-end speed: llama-bench pp128 and tg64, NanoQuant files against llama.cpp's types, repetitions interleaved.
+
+    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
+
+Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files (bench/quality.py builds them with
+--preset standard if missing); the llama.cpp types are made from the F32 teacher. (b) synthetic-1b: a Llama-shaped
+model of about 1.1B parameters (hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV heads, SmolLM2's tokenizer) with
+RANDOM weights: its numbers are about speed only. Its NQ files carry random signs at the method's ranks.
+Every file keeps its token embedding / output head at Q8_0 (the NQ files' type), so the heads cost the same on both
+sides. IQ1_S takes an importance matrix from llama-imatrix on the calibration text (2 chunks for the synthetic model).
+Each repetition runs every (file, threads) pair once with `llama-bench -r 1`, in turn; the table gives medians.
+Writes bench/results/decode.json (a list of rows) and decode.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, ROW_NAMES, Bench, finish, machine, partial, run  # noqa: E402
+
+LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
+NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
+HEAD = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
+SYNTH = dict(hidden=2048, ffn=5632, blocks=22, heads=32, kv_heads=4, ctx=2048)
+
+
+def quantize(src: Path, out: Path, type_name: str, imatrix: Path | None, threads: int) -> Path:
+    if not out.is_file():
+        cmd = [BIN / "llama-quantize", "--allow-requantize", *HEAD]
+        if imatrix is not None:
+            cmd += ["--imatrix", imatrix]
+        run(cmd + [src, partial(out), type_name, threads], f"llama-quantize {type_name}")
+        finish(out)
+    return out
+
+
+def make_imatrix(model: Path, out: Path, chunks: int, threads: int) -> Path:
+    if not out.is_file():
+        run([BIN / "llama-imatrix", "-m", model, "-f", CALIB_TEXT, "-c", 512, "--chunks", chunks, "-t", threads,
+             "-o", partial(out)], "llama-imatrix")
+        finish(out)
+    return out
+
+
+def smollm2_files(threads: int) -> dict[str, Path]:
+    bench = Bench(DEFAULT_MODEL, 150, threads, "standard")
+    files = {name: bench.build(ROW_NAMES[row])[0] for name, row in (("NQ-1.0", "NQ 1.0"), ("NQ-0.55", "NQ 0.55"))}
+    for t in LLAMA_TYPES:
+        imatrix = bench.imatrix() if t.startswith("IQ") else None
+        files[t] = quantize(bench.f32(), bench.dir / f"decode-{t}.gguf", t, imatrix, threads)
+    return files
+
+
+# --- the synthetic model ------------------------------------------------------------------------------------------
+def synthetic_base(folder: Path) -> Path:
+    """An F16 Llama GGUF with random weights (std 0.02) and SmolLM2's tokenizer."""
+    import gguf
+    from nanoquant.gguf_writer import copy_metadata, finish_gguf
+
+    out = folder / "F16.gguf"
+    if out.is_file():
+        return out
+    s, rng = SYNTH, np.random.default_rng(0)
+    head_dim = s["hidden"] // s["heads"]
+    teacher = gguf.GGUFReader(DEFAULT_MODEL)
+    tmp = partial(out)
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("synthetic-llama-1b (random weights, speed only)")
+    copy_metadata(teacher, w, skip={f.name for f in teacher.fields.values() if not f.name.startswith("tokenizer.")})
+    vocab = len(teacher.fields["tokenizer.ggml.tokens"].contents())
+    w.add_context_length(s["ctx"])
+    w.add_embedding_length(s["hidden"])
+    w.add_block_count(s["blocks"])
+    w.add_feed_forward_length(s["ffn"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv_heads"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    def rand(*shape):  # numpy order: (rows, cols) = (d_out, d_in)
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    w.add_tensor("token_embd.weight", rand(vocab, s["hidden"]))
+    w.add_tensor("output_norm.weight", np.ones(s["hidden"], np.float32))
+    kv = s["kv_heads"] * head_dim
+    for i in range(s["blocks"]):
+        for name, shape in (("attn_q", (s["hidden"], s["hidden"])), ("attn_k", (kv, s["hidden"])),
+                            ("attn_v", (kv, s["hidden"])), ("attn_output", (s["hidden"], s["hidden"])),
+                            ("ffn_gate", (s["ffn"], s["hidden"])), ("ffn_up", (s["ffn"], s["hidden"])),
+                            ("ffn_down", (s["hidden"], s["ffn"]))):
+            w.add_tensor(f"blk.{i}.{name}.weight", rand(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(s["hidden"], np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(s["hidden"], np.float32))
+    finish_gguf(w, tmp, out)
+    return out
+
+
+def synthetic_nq(base: Path, out: Path, bpw: float) -> Path:
+    """Random signs at the method's ranks for every decoder linear layer; everything else from the base, Q8_0."""
+    import gguf
+    from nanoquant import formats
+    from nanoquant.fileinfo import DECODER_LINEAR
+    from nanoquant.gguf_writer import NQLayerTensors, write_nq_gguf
+
+    if out.is_file():
+        return out
+    rng = np.random.default_rng(1)
+    layers = []
+    for t in gguf.GGUFReader(base).tensors:
+        if t.name.endswith(".weight") and DECODER_LINEAR.search(t.name[: -len(".weight")]):
+            d_in, d_out = (int(x) for x in t.shape[:2])
+            rank = formats.rank_for_bpw(d_out, d_in, bpw)
+            signs = lambda *shape: np.where(rng.random(shape, np.float32) < 0.5, -1, 1).astype(np.int8)  # noqa: E731
+            layers.append(NQLayerTensors(base=t.name[: -len(".weight")], u=signs(d_out, rank), v=signs(rank, d_in),
+                                         s_pre=np.ones(d_in, np.float32), s_post=np.full(d_out, 0.01, np.float32)))
+    meta = {formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
+            formats.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
+    write_nq_gguf(base, out, layers, gguf.GGMLQuantizationType.Q8_0, meta)
+    return out
+
+
+def synthetic_files(threads: int) -> dict[str, Path]:
+    folder = RESULTS / "synthetic-llama-1b"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = synthetic_base(folder)
+    files = {name: synthetic_nq(base, folder / f"{name}.gguf", bpw) for name, bpw in NQ_BPW.items()}
+    for t in LLAMA_TYPES:
+        imatrix = make_imatrix(base, folder / "imatrix.gguf", 2, threads) if t.startswith("IQ") else None
+        files[t] = quantize(base, folder / f"{t}.gguf", t, imatrix, threads)
+    return files
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+def llama_bench(model: Path, threads: int) -> dict[str, float]:
+    text = run([BIN / "llama-bench", "-m", model, "-p", 128, "-n", 64, "-t", threads, "-r", 1, "-o", "json"],
+               f"llama-bench {model.name}")
+    results = json.loads(text[text.index("["): text.rindex("]") + 1])
+    return {("pp128" if r["n_prompt"] else "tg64"): float(r["avg_ts"]) for r in results}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1b"], choices=["smollm2", "synthetic-1b"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args(argv)
+    build = {"smollm2": smollm2_files, "synthetic-1b": synthetic_files}
+    files = {(m, name): path for m in args.models for name, path in build[m](max(args.threads)).items()}
+
+    samples: dict[tuple, list[float]] = {}
+    for rep in range(args.reps):
+        for (model, name), path in files.items():
+            for threads in args.threads:
+                for test, tps in llama_bench(path, threads).items():
+                    samples.setdefault((model, name, threads, test), []).append(tps)
+        print(f"repetition {rep + 1}/{args.reps} done", flush=True)
+
+    from nanoquant.fileinfo import decoder_linear_bits
+    bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
+    rows = [{"model": m, "type": n, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
+             "tokens_per_s": statistics.median(v), "samples": v, "machine": machine()}
+            for (m, n, t, test), v in samples.items()]
+    out = RESULTS / "decode.json"
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    table = markdown(rows)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [f"llama-bench pp128 / tg64, tokens per second (median of interleaved repetitions); ratio = NQ-1.0 / type. "
+             f"Machine: {rows[0]['machine']}.", "",
+             "| model | type | bpw_linear | threads | pp128 t/s | tg64 t/s | NQ-1.0 pp ratio | NQ-1.0 tg ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    index = {(r["model"], r["type"], r["threads"], r["test"]): r["tokens_per_s"] for r in rows}
+    for (model, name, threads) in dict.fromkeys((r["model"], r["type"], r["threads"]) for r in rows):
+        pp, tg = index[(model, name, threads, "pp128")], index[(model, name, threads, "tg64")]
+        nq_pp, nq_tg = index[(model, "NQ-1.0", threads, "pp128")], index[(model, "NQ-1.0", threads, "tg64")]
+        bpw = next(r["bpw_linear"] for r in rows if (r["model"], r["type"]) == (model, name))
+        lines.append(f"| {model} | {name} | {bpw:.3f} | {threads} | {pp:.1f} | {tg:.1f} | {nq_pp / pp:.2f} | "
+                     f"{nq_tg / tg:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
