@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
 
-Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files (bench/quality.py builds them with
---preset standard if missing); the llama.cpp types are made from the F32 teacher. (b) synthetic-1b: a Llama-shaped
+Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files where bench/quality.py has made them,
+else files with random signs at the same ranks (the file name says so); the llama.cpp types are made from the F32
+teacher. (b) synthetic-1b: a Llama-shaped
 model of about 1.1B parameters (hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV heads, SmolLM2's tokenizer) with
 RANDOM weights: its numbers are about speed only. Its NQ files carry random signs at the method's ranks.
 Every file keeps its token embedding / output head at Q8_0 (the NQ files' type), so the heads cost the same on both
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, ROW_NAMES, Bench, finish, machine, partial, run  # noqa: E402
+from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, machine, partial, run  # noqa: E402
 
 LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
 NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
@@ -54,8 +55,13 @@ def make_imatrix(model: Path, out: Path, chunks: int, threads: int) -> Path:
 
 
 def smollm2_files(threads: int) -> dict[str, Path]:
+    """The quality table's NQ files where it made them; otherwise random signs at the same ranks (speed is the same)."""
     bench = Bench(DEFAULT_MODEL, 150, threads, "standard")
-    files = {name: bench.build(ROW_NAMES[row])[0] for name, row in (("NQ-1.0", "NQ 1.0"), ("NQ-0.55", "NQ 0.55"))}
+    files = {}
+    for name, bpw in NQ_BPW.items():
+        converted = bench.dir / f"NQ-{bpw}.gguf"
+        files[name] = converted if converted.is_file() else synthetic_nq(bench.f32(), bench.dir /
+                                                                         f"decode-{name}-random-signs.gguf", bpw)
     for t in LLAMA_TYPES:
         imatrix = bench.imatrix() if t.startswith("IQ") else None
         files[t] = quantize(bench.f32(), bench.dir / f"decode-{t}.gguf", t, imatrix, threads)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
 
     from nanoquant.fileinfo import decoder_linear_bits
     bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
-    rows = [{"model": m, "type": n, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
+    rows = [{"model": m, "type": n, "file": files[(m, n)].name, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
              "tokens_per_s": statistics.median(v), "samples": v, "machine": machine()}
             for (m, n, t, test), v in samples.items()]
     out = RESULTS / "decode.json"

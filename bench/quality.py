@@ -159,9 +159,10 @@ class Bench:
             run(cmd + [self.f32(), partial(out), row.llama_type, self.threads], f"llama-quantize {row.llama_type}")
             finish(out)
         elif row.kind == "nq":
-            run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
-                 "--bpw", row.bpw, "--preset", self.preset, "--threads", self.threads, *row.converter_args],
-                f"NanoQuant converter ({row.method})")
+            log = run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
+                       "--bpw", row.bpw, "--preset", self.preset, "--threads", self.threads, *row.converter_args],
+                      f"NanoQuant converter ({row.method})")
+            out.with_suffix(".log").write_text(log)  # stage timings, losses and peak RSS of the conversion
         elif row.kind == "sign":
             run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), partial(out)],
                 "per-row sign baseline")
