@@ -12,6 +12,8 @@ LLAMA_DIR     := vendor/llama.cpp
 VENDOR_STAMP  := $(LLAMA_DIR)/.nanoquant-patches.sha256
 VENV_STAMP    := $(VENV)/.requirements-installed
 GGUF_STAMP    := $(VENV)/.gguf-py-installed
+LLAMA_PY_STAMP := $(VENV)/.llama-cpp-python-installed
+LLAMA_PY_SDIST := downloads/llama_cpp_python-0.3.36.tar.gz
 BUILD_STAMP   := $(BUILD)/.built
 TOOLS         := llama-cli llama-completion llama-server llama-perplexity llama-bench llama-quantize \
                  llama-imatrix llama-tokenize test-backend-ops _core
@@ -24,17 +26,25 @@ CPP_SOURCES   := $(wildcard cpp/*) $(wildcard python/bindings/*) CMakeLists.txt
 CCACHE        := $(shell command -v ccache 2>/dev/null)
 
 .PHONY: setup demo test clean aarch64-tools
-setup: $(BUILD_STAMP) $(GGUF_STAMP) $(TEACHER)
+setup: $(BUILD_STAMP) $(GGUF_STAMP) $(LLAMA_PY_STAMP) $(TEACHER)
 
 $(VENV_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	echo "$(CURDIR)/python" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nanoquant-src.pth
+	printf '#!/bin/sh\nexec "%s" -m nanoquant "$$@"\n' "$(abspath $(PY))" > $(VENV)/bin/nanoquant
+	chmod +x $(VENV)/bin/nanoquant
 	touch $@
 
 $(VENDOR_STAMP): scripts/vendor_llama_cpp.py $(PATCHES)
 	$(PYTHON_SYSTEM) scripts/vendor_llama_cpp.py --downloads downloads --patches ggml_patches --dest $(LLAMA_DIR)
+
+# the ecosystem's binding, pure Python: its own native build is off (LLAMA_BUILD=OFF) and it loads this build's
+# libllama through LLAMA_CPP_LIB_PATH=build/bin; the sdist is the one scripts/vendor_llama_cpp.py verified
+$(LLAMA_PY_STAMP): $(VENDOR_STAMP) $(VENV_STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_PY_SDIST)
+	touch $@
 
 # the converter writes NQ1 through the patched gguf-py of the same tree
 $(GGUF_STAMP): $(VENDOR_STAMP) $(VENV_STAMP)

@@ -8,7 +8,7 @@ folder and converted with the whole method at token effort (a few windows and st
 measured). The converter streams blocks from safetensors, so its peak RSS grows only by what each finished block
 leaves behind (its int8 signs); the slope between two block counts gives the 32-block figure. Calibration streams
 (3 x windows x tokens x hidden x 4 bytes) scale with the calibration effort, not with depth, and are added for
-the `standard` preset's 64 x 512 tokens.
+the `standard` preset's calibration tokens.
 Writes bench/results/memory.json.
 """
 from __future__ import annotations
@@ -71,13 +71,18 @@ def main(argv=None) -> int:
         print(f"{n} blocks: peak RSS {result['peak_rss_mib']:.0f} MiB in {result['seconds']:.0f} s", flush=True)
     (a, b) = runs
     per_block = (b["peak_rss_mib"] - a["peak_rss_mib"]) / (b["blocks"] - a["blocks"])
-    streams_mib = 3 * 64 * 512 * SHAPE["hidden_size"] * 4 / 2**20
+    sys.path.insert(0, str(REPO / "python"))
+    from nanoquant.convert import PRESETS
+    standard = PRESETS["standard"]
+    calib_tokens = standard["calib_windows"] * standard["calib_window_tokens"]
+    streams_mib = 3 * calib_tokens * SHAPE["hidden_size"] * 4 / 2**20
     projected = a["peak_rss_mib"] + per_block * (FULL_DEPTH - a["blocks"]) + streams_mib
     report = {"shape": SHAPE, "bpw": args.bpw, "runs": runs, "per_block_mib": per_block,
-              "standard_streams_mib": streams_mib, "projected_32_blocks_mib": projected}
+              "standard_calibration_tokens": calib_tokens, "standard_streams_mib": streams_mib,
+              "projected_32_blocks_mib": projected}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"per block {per_block:.0f} MiB; projected for 32 blocks with 64x512 calibration tokens: "
+    print(f"per block {per_block:.0f} MiB; projected for 32 blocks with {calib_tokens} calibration tokens: "
           f"{projected / 1024:.1f} GiB (limit 24 GiB)")
     return 0
 

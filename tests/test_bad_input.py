@@ -96,3 +96,46 @@ def test_missing_model_and_bad_arguments(tmp_path):
     proc = run_converter(tmp_path, "--outfile", out, "--other-type", "Q9_9")
     assert proc.returncode == 2 and "--other-type" in proc.stderr
     assert not out.exists()
+
+
+def test_python_api_refuses_bad_files_without_crashing(truncated, rank_mismatch, tiny_nq_models, tmp_path):
+    """nanoquant.Model raises a clear exception for each bad file. The loads run in a child interpreter, so a
+    crash fails this test (with its signal) instead of ending the whole test run."""
+    import json
+    import subprocess
+    import sys
+
+    good = tiny_nq_models["llama"].read_bytes()
+    cases = {
+        "missing": (tmp_path / "missing.gguf", "FileNotFoundError", "no such model file"),
+        "text": (tmp_path / "notes.gguf", "ModelLoadError", "not a GGUF file"),
+        "truncated": (truncated, "ModelLoadError", "not within the file bounds"),
+        "header-only": (tmp_path / "header-only.gguf", "ModelLoadError", "header-only.gguf"),
+        "garbage-after-magic": (tmp_path / "garbage.gguf", "ModelLoadError", "garbage.gguf"),
+        "rank-mismatch": (rank_mismatch, "ModelLoadError", "blk.0.attn_q.nq_u"),
+    }
+    cases["text"][0].write_text("hello, I am not a model\n")
+    cases["header-only"][0].write_bytes(good[:24])
+    rng = np.random.default_rng(0)
+    cases["garbage-after-magic"][0].write_bytes(good[:8] + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    script = """
+import json, sys
+from nanoquant import Model
+out = {}
+for name, path in json.loads(sys.argv[1]).items():
+    try:
+        Model(path, n_ctx=128).close()
+        out[name] = ["no exception", ""]
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+    paths = {name: str(path) for name, (path, _, _) in cases.items()}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(paths)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"the interpreter ended with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (path, exception, needle) in cases.items():
+        kind, message = got[name]
+        assert kind == exception, (name, kind, message)
+        assert needle in message and str(path) in message, (name, message)

@@ -1,18 +1,6 @@
 """The embedded default model, SmolLM2-135M-Instruct, at 1.0 bpw with a fast setting, runs in patched llama-cli."""
-import pytest
-
-from conftest import SMOL_GGUF, run_converter, run_tool
+from conftest import run_tool
 from nanoquant.fileinfo import describe
-
-
-@pytest.fixture(scope="module")
-def smol_nq(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "smollm2-nq-1.0.gguf"
-    proc = run_converter(SMOL_GGUF, "--outfile", out, "--bpw", "1.0", "--preset", "fast",
-                         "--calib-windows", "8", "--admm-iterations", "15")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "realized bpw" in proc.stdout
-    return out
 
 
 def test_realized_bpw_of_quantized_layers(smol_nq):

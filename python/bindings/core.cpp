@@ -151,6 +151,7 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
 }
 
 void register_mul_mat_bench(py::module_ & m);  // mul_mat_bench.cpp
+void register_engine(py::module_ & m);         // model.cpp
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "NQ1 packing and low-rank binary products through the patched ggml";
@@ -172,4 +173,5 @@ PYBIND11_MODULE(_core, m) {
           py::arg("s_pre"), py::arg("s_mid"), py::arg("s_post"), py::arg("n_threads") = 1,
           "y = s_post * (U (s_mid * (V (s_pre * x)))) on ggml's CPU backend; x is [tokens, d_in]");
     register_mul_mat_bench(m);
+    register_engine(m);
 }

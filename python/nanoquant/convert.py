@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
     "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
                  distill_steps=0, tune_batch=1, tune_scope="block"),
     "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
-                     factor_steps=100, distill_steps=40, tune_batch=1, tune_scope="block"),
+                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block"),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
                   factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer"),

@@ -5,8 +5,23 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import GGUFReader
+
 from . import formats
-from .reference import NQFormatError, open_gguf
+
+
+class NQFormatError(ValueError):
+    """A file that is not a valid NanoQuant GGUF; the message names the file and the tensor."""
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf-py raises assorted errors on truncated or corrupt files
+        raise NQFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 @dataclass

@@ -17,10 +17,7 @@ from gguf.quants import dequantize
 from . import formats
 from .admm import lowrank_binary_product
 from .architectures import architecture_for, gguf_base_name, gguf_row_permutation
-
-
-class NQFormatError(ValueError):
-    """A file that is not a valid NanoQuant GGUF; the message names the file and the tensor."""
+from .fileinfo import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
 
 
 class LowRankBinaryLinear(torch.nn.Module):
@@ -36,16 +33,6 @@ class LowRankBinaryLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lowrank_binary_product(x, self.u, self.v, self.s_pre, self.s_mid, self.s_post, self.bias)
-
-
-def open_gguf(path: Path) -> GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # gguf-py raises assorted errors on truncated or corrupt files
-        raise NQFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 @dataclass
