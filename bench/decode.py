@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 

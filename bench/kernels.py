@@ -1,6 +1,7 @@
 """Kernel benchmark: one layer's product, NanoQuant against llama.cpp's types, on ggml's CPU backend in this process.
 
     .venv/bin/python bench/kernels.py [--reps 7] [--threads 1 2] [--batches 1 128] [--shapes smollm2 large]
+                                      [--copies 8]
 
 A NanoQuant layer of d_out x d_in at a given bpw is the graph llama.cpp runs for it (s_pre, V, U, s_post as the converter
 writes by default; rank from the method's rank rule); a llama.cpp type is one mul_mat of the dense d_out x d_in weight (types whose block
@@ -8,6 +9,11 @@ does not divide d_in are left out). Weights are random (speed only) and placed a
 on (CPU_REPACK where ggml has a repacked kernel: Q4_0, NQ1). Every repetition runs every configuration once, in turn,
 so drift on the machine hits all of them alike; the table gives medians. Memory bandwidth is measured by streaming a
 1 GiB buffer with numpy (one thread) and reported with the large shapes.
+Each timed graph holds `--copies` layers of the SmolLM2 shapes (each with its own weights, all on the same input, as
+q/k/v are) and one of the large shapes: inside llama.cpp a product is one of hundreds in a token's graph, so the cost
+of starting a graph (waking the threads, some microseconds) is not the product's; with one small product per graph it
+would be most of what is timed. The time per product is the graph's time divided by its copies. `--copies 1` gives
+the one-product-per-graph figures.
 Writes bench/results/kernels.json: a list of {shape, d_out, d_in, type, bpw, threads, batch, median_us, repacked}.
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
     "large": [(4096, 4096), (11008, 4096), (4096, 11008)],
 }
+COPIES = {"smollm2": 8, "large": 1}  # layers per timed graph (see above); --copies overrides the SmolLM2 shapes'
 LLAMA_TYPES = ["F16", "Q8_0", "Q4_0", "Q2_K", "TQ1_0", "TQ2_0", "IQ1_S", "Q1_0"]
 NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
 BLOCK = {name: T[name] for name in LLAMA_TYPES}
@@ -51,7 +58,7 @@ def configs(shapes, threads, batches):
             for n_threads in threads:
                 for batch in batches:
                     base = {"shape": f"{d_out}x{d_in}", "d_out": d_out, "d_in": d_in, "threads": n_threads,
-                            "batch": batch, "group": group}
+                            "batch": batch, "group": group, "copies": COPIES[group]}
                     for name, bpw in NQ_BPW.items():
                         rank = rank_for_bpw(d_out, d_in, bpw)
                         yield {**base, "type": name, "bpw": LayerBits(d_out, d_in, rank).bpw, "rank": rank}
@@ -62,7 +69,8 @@ def configs(shapes, threads, batches):
 
 def make(cfg):
     type_id = _core.NQ1_TYPE_ID if cfg["type"].startswith("NQ") else int(T[cfg["type"]])
-    return _core.MulMatBench(type_id, cfg["d_out"], cfg["d_in"], cfg["batch"], cfg["threads"], True, cfg["rank"])
+    return _core.MulMatBench(type_id, cfg["d_out"], cfg["d_in"], cfg["batch"], cfg["threads"], True, cfg["rank"],
+                             copies=cfg["copies"])
 
 
 def read_bandwidth_gbs(threads: int) -> float:
@@ -87,8 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 128])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--copies", type=int, default=COPIES["smollm2"], help="layers per timed graph, SmolLM2 shapes")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kernels.json")
     args = p.parse_args(argv)
+    COPIES["smollm2"] = args.copies
 
     cfgs = list(configs(args.shapes, args.threads, args.batches))
     print(f"{len(cfgs)} configurations, {args.reps} interleaved repetitions", flush=True)
@@ -106,7 +116,8 @@ def main(argv=None) -> int:
         print(f"repetition {rep + 1}/{args.reps} done", flush=True)
     rows = []
     for cfg, s in zip(cfgs, samples):
-        rows.append({k: cfg[k] for k in ("shape", "d_out", "d_in", "type", "bpw", "threads", "batch", "repacked")}
+        rows.append({k: cfg[k] for k in ("shape", "d_out", "d_in", "type", "bpw", "threads", "batch", "repacked",
+                                         "copies")}
                     | {"median_us": statistics.median(s) * 1e6, "rank": cfg["rank"]})
     bandwidth = {t: read_bandwidth_gbs(t) for t in args.threads}
     report(rows, bandwidth)
@@ -122,7 +133,7 @@ def report(rows, bandwidth):
     by_key = {}
     for r in rows:
         by_key.setdefault((r["shape"], r["threads"], r["batch"]), {})[r["type"]] = r
-    print(f"\nmedian microseconds per product; ratio = type's time / NQ-1.0's time (>1: NQ-1.0 faster)")
+    print("\nmedian microseconds per product; ratio = type's time / NQ-1.0's time (>1: NQ-1.0 faster)")
     print("read bandwidth (numpy sums of 512 MiB per thread): " +
           ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items()) + "\n")
     for (shape, threads, batch), group in by_key.items():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BIN, REPO, llama_perplexity, run_tool
-from nanoquant import ContextOverflowError, Model, ModelLoadError
+from nanoquant import ContextOverflowError, Model
 from nanoquant.model import _cut_at_stops
 
 PROMPT = "The history of the city begins"

@@ -1,4 +1,5 @@
 """NQ1 kernels of ggml-cpu: the SIMD vec_dot equals the scalar reference, and the low-rank graph is right."""
+import gguf
 import numpy as np
 import pytest
 
@@ -65,6 +66,22 @@ def test_table_lookup_path_matches_the_vec_dot_path(d_out, d_in, rank, batch, th
     rel = np.linalg.norm(y_lut - y_plain) / np.linalg.norm(y_plain)
     assert rel < 0.03, rel  # measured 1.2-1.6% with the outlier channel
     np.testing.assert_array_equal(lut.run(x), y_lut)  # deterministic across runs and thread interleavings
+
+
+@pytest.mark.parametrize("type_name", ["NQ1", "Q4_0"])
+def test_mul_mat_bench_copies_share_one_graph(type_name):
+    """bench/kernels.py puts several layers in one timed graph: each copy has its own weights, all read the input."""
+    type_id = _core.NQ1_TYPE_ID if type_name == "NQ1" else int(gguf.GGMLQuantizationType.Q4_0)
+    rank = 96 if type_name == "NQ1" else 0
+    x = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
+    one = _core.MulMatBench(type_id, 192, 576, 3, 2, True, rank, seed=5)
+    many = _core.MulMatBench(type_id, 192, 576, 3, 2, True, rank, seed=5, copies=9)
+    y_one, y_many = one.run(x), many.run(x)
+    assert y_many.shape == (3, 192) and np.isfinite(y_many).all()
+    assert np.linalg.norm(y_many) > 0 and many.time(2) > 0
+    with pytest.raises(ValueError, match="copies must be at least 1"):
+        _core.MulMatBench(type_id, 192, 576, 3, 2, True, rank, copies=0)
+    assert y_one.shape == y_many.shape
 
 
 def test_mul_mat_bench_refuses_bad_shapes():

@@ -1,8 +1,10 @@
-// nanoquant._core.MulMatBench: one matrix product on ggml's CPU backend, set up once and timed on demand, for
+// nanoquant._core.MulMatBench: matrix products on ggml's CPU backend, set up once and timed on demand, for
 // bench/kernels.py. A dense layer is mul_mat(W, x) with W of any ggml type; a NanoQuant layer is the graph llama.cpp
-// builds for it (s_pre, V, U, s_post: the
-// converter's default, without s_mid). With repack on, weights go to the CPU_REPACK buffer when ggml has a
-// repacked kernel for them (Q4_0 x8, NQ1 tables), as llama.cpp places them.
+// builds for it (s_pre, V, U, s_post: the converter's default, without s_mid). With repack on, weights go to the
+// CPU_REPACK buffer when ggml has a repacked kernel for them (Q4_0 x8, NQ1 tables), as llama.cpp places them.
+// One graph holds `copies` such layers, each with its own weights, all reading the same input (as q, k and v do):
+// inside llama.cpp a product is one of hundreds in a token's graph, so the cost of starting a graph (waking the
+// threads) is not the product's; copies > 1 spreads it as a model does.
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -25,8 +27,11 @@ namespace {
 class MulMatBench {
   public:
     MulMatBench(int type_id, int64_t d_out, int64_t d_in, int64_t batch, int n_threads, bool repack, int64_t rank,
-                uint64_t seed)
-        : d_out_(d_out), d_in_(d_in), batch_(batch) {
+                uint64_t seed, int copies)
+        : d_out_(d_out), d_in_(d_in), batch_(batch), copies_(copies) {
+        if (copies < 1) {
+            throw std::invalid_argument("copies must be at least 1, got " + std::to_string(copies));
+        }
         if (type_id < 0 || type_id >= GGML_TYPE_COUNT || ggml_blck_size((ggml_type) type_id) <= 0) {
             throw std::invalid_argument("unknown ggml type id " + std::to_string(type_id));
         }
@@ -47,21 +52,24 @@ class MulMatBench {
         ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
 
         // weights
-        ggml_init_params wp = { 8 * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params wp = { (size_t) (2 * copies + 2) * ggml_tensor_overhead(), nullptr, true };
         ctx_w_ = ggml_init(wp);
         ctx_s_ = ggml_init(wp);
         std::vector<ggml_tensor *> matrices, vectors;
-        if (lowrank) {
-            v_ = ggml_new_tensor_2d(ctx_w_, type, d_in, rank);
-            u_ = ggml_new_tensor_2d(ctx_w_, type, rank, d_out);
-            // scales in a plain buffer of their own: the repack buffer takes only matrices it has a kernel for
-            s_pre_ = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_in);
-            s_post_ = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_out);
-            matrices = { v_, u_ };
-            vectors = { s_pre_, s_post_ };
-        } else {
-            w_ = ggml_new_tensor_2d(ctx_w_, type, d_in, d_out);
-            matrices = { w_ };
+        layers_.resize(copies);
+        for (Layer & l : layers_) {
+            if (lowrank) {
+                l.v = ggml_new_tensor_2d(ctx_w_, type, d_in, rank);
+                l.u = ggml_new_tensor_2d(ctx_w_, type, rank, d_out);
+                // scales in a plain buffer of their own: the repack buffer takes only matrices it has a kernel for
+                l.s_pre = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_in);
+                l.s_post = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_out);
+                matrices.insert(matrices.end(), { l.v, l.u });
+                vectors.insert(vectors.end(), { l.s_pre, l.s_post });
+            } else {
+                l.w = ggml_new_tensor_2d(ctx_w_, type, d_in, d_out);
+                matrices.push_back(l.w);
+            }
         }
         ggml_backend_buffer_type_t weight_buft = ggml_backend_get_default_buffer_type(backend_);
         if (repack) {
@@ -115,19 +123,22 @@ class MulMatBench {
         }
 
         // graph
-        ggml_init_params gp = { 16 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
+        ggml_init_params gp = { (size_t) (8 * copies + 8) * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr,
+                                true };
         ctx_g_ = ggml_init(gp);
         x_ = ggml_new_tensor_2d(ctx_g_, GGML_TYPE_F32, d_in, batch);
         ggml_set_input(x_);
-        if (lowrank) {
-            ggml_tensor * t = ggml_mul_mat(ctx_g_, v_, ggml_mul(ctx_g_, x_, s_pre_));
-            y_ = ggml_mul(ctx_g_, ggml_mul_mat(ctx_g_, u_, t), s_post_);
-        } else {
-            y_ = ggml_mul_mat(ctx_g_, w_, x_);
-        }
-        ggml_set_output(y_);
         graph_ = ggml_new_graph(ctx_g_);
-        ggml_build_forward_expand(graph_, y_);
+        for (Layer & l : layers_) {
+            if (lowrank) {
+                ggml_tensor * t = ggml_mul_mat(ctx_g_, l.v, ggml_mul(ctx_g_, x_, l.s_pre));
+                l.y = ggml_mul(ctx_g_, ggml_mul_mat(ctx_g_, l.u, t), l.s_post);
+            } else {
+                l.y = ggml_mul_mat(ctx_g_, l.w, x_);
+            }
+            ggml_set_output(l.y);
+            ggml_build_forward_expand(graph_, l.y);
+        }
         alloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
         if (!ggml_gallocr_alloc_graph(alloc_, graph_)) {
             throw std::runtime_error("could not allocate the graph");
@@ -154,7 +165,7 @@ class MulMatBench {
 
     void set_input(const float * x) { ggml_backend_tensor_set(x_, x, 0, ggml_nbytes(x_)); }
 
-    // seconds per product, averaged over `iterations` back-to-back runs
+    // seconds per product, averaged over `iterations` back-to-back runs of the graph and its copies
     double time(int iterations) {
         py::gil_scoped_release release;
         const auto start = std::chrono::steady_clock::now();
@@ -163,9 +174,11 @@ class MulMatBench {
                 throw std::runtime_error("graph compute failed");
             }
         }
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iterations;
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() /
+               ((double) iterations * copies_);
     }
 
+    // the product of the first copy for x [batch, d_in]
     py::array_t<float> run(const py::array_t<float, py::array::c_style | py::array::forcecast> & x) {
         if (x.ndim() != 2 || x.shape(0) != batch_ || x.shape(1) != d_in_) {
             throw std::invalid_argument("x: expected shape (" + std::to_string(batch_) + ", " + std::to_string(d_in_) +
@@ -174,7 +187,7 @@ class MulMatBench {
         set_input(x.data());
         time(1);
         py::array_t<float> y({(py::ssize_t) batch_, (py::ssize_t) d_out_});
-        ggml_backend_tensor_get(y_, y.mutable_data(), 0, ggml_nbytes(y_));
+        ggml_backend_tensor_get(layers_[0].y, y.mutable_data(), 0, ggml_nbytes(layers_[0].y));
         return y;
     }
 
@@ -184,7 +197,7 @@ class MulMatBench {
     // llama.cpp's test: the product with the weight in an empty buffer of that type is supported
     bool repack_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft,
                           const std::vector<ggml_tensor *> & matrices) {
-        ggml_init_params p = { 8 * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params p = { (3 * matrices.size() + 1) * ggml_tensor_overhead(), nullptr, true };
         ggml_context * ctx = ggml_init(p);
         ggml_backend_buffer_t probe_buffer = ggml_backend_buft_alloc_buffer(buft, 0);
         bool ok = true;
@@ -199,24 +212,31 @@ class MulMatBench {
         return ok;
     }
 
+    struct Layer {
+        ggml_tensor * w = nullptr, * v = nullptr, * u = nullptr, * s_pre = nullptr, * s_post = nullptr, * y = nullptr;
+    };
+
     int64_t d_out_, d_in_, batch_;
+    int copies_;
+    std::vector<Layer> layers_;
     bool repacked_ = false;
     ggml_backend_t backend_ = nullptr;
     ggml_context * ctx_w_ = nullptr, * ctx_s_ = nullptr, * ctx_g_ = nullptr;
     ggml_backend_buffer_t buf_w_ = nullptr, buf_s_ = nullptr;
     ggml_gallocr_t alloc_ = nullptr;
     ggml_cgraph * graph_ = nullptr;
-    ggml_tensor * w_ = nullptr, * v_ = nullptr, * u_ = nullptr, * s_pre_ = nullptr, * s_post_ = nullptr, * x_ = nullptr, * y_ = nullptr;
+    ggml_tensor * x_ = nullptr;
 };
 
 }  // namespace
 
 void register_mul_mat_bench(py::module_ & m) {
     py::class_<MulMatBench>(m, "MulMatBench",
-                            "one [batch, d_in] -> [batch, d_out] product on ggml's CPU backend, for timing")
-        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t>(), py::arg("type_id"),
+                            "[batch, d_in] -> [batch, d_out] products (`copies` layers in one graph) on ggml's CPU "
+                            "backend, for timing")
+        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t, int>(), py::arg("type_id"),
              py::arg("d_out"), py::arg("d_in"), py::arg("batch") = 1, py::arg("n_threads") = 1,
-             py::arg("repack") = true, py::arg("rank") = 0, py::arg("seed") = 0)
+             py::arg("repack") = true, py::arg("rank") = 0, py::arg("seed") = 0, py::arg("copies") = 1)
         .def("time", &MulMatBench::time, py::arg("iterations"), "seconds per product, averaged over the iterations")
         .def("run", &MulMatBench::run, py::arg("x"), "the product for x [batch, d_in]")
         .def_property_readonly("repacked", &MulMatBench::repacked, "whether the weights sit in CPU_REPACK");

@@ -30,7 +30,7 @@ from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitect
 from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
 from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
                           BlockData, capture_block_inputs, distill_scales, run_block_batched, tune_block)
-from .streaming import ResidentBlocks, SafetensorsBlocks, open_skeleton
+from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
 
@@ -88,7 +88,7 @@ class Source:
     arch: Architecture
     base_gguf: Path
     path: Path
-    blocks: ResidentBlocks | SafetensorsBlocks
+    blocks: SafetensorsBlocks | GGUFBlocks
 
 
 def _model_type(model_path: Path) -> str:
@@ -124,9 +124,9 @@ def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
 
 
 def load_source(model_path: Path, work_dir: Path) -> Source:
-    """A HF folder streams its blocks from safetensors; a GGUF is dequantised whole (its weights are the teacher,
-    its metadata and small tensors the base file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Blocks stream from a HF folder's safetensors or from a GGUF (dequantised one block at a time; the GGUF's
+    dequantisation is the teacher, its metadata and small tensors the base file)."""
+    from transformers import AutoTokenizer
 
     arch = architecture_for(_model_type(model_path))  # fail before any heavy work
     if model_path.is_dir():
@@ -134,10 +134,9 @@ def load_source(model_path: Path, work_dir: Path) -> Source:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = _base_gguf_from_hf(model_path, work_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
-                                                     dtype=torch.float32).eval().requires_grad_(False)
+        model, blocks = open_gguf_skeleton(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-        blocks, base = ResidentBlocks(), model_path
+        base = model_path
     return Source(model, tokenizer, model.config, arch, base, model_path, blocks)
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGUFReader, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from . import formats
 from .admm import lowrank_binary_product
-from .architectures import architecture_for, gguf_base_name, gguf_row_permutation
+from .architectures import UnsupportedArchitecture, gguf_base_name, gguf_row_permutation
 from .fileinfo import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
+from .streaming import GGUFTensors, gguf_config, tensor_as_float
 
 
 class LowRankBinaryLinear(torch.nn.Module):
@@ -77,29 +77,22 @@ def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
     return layers
 
 
-def _tensor_as_float(t) -> np.ndarray:
-    data = dequantize(np.asarray(t.data), t.tensor_type)
-    return np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-
-
 def load_reference_model(path: Path):
     """(model, tokenizer, architecture) for an NQ GGUF, NanoQuant layers as LowRankBinaryLinear."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     reader = open_gguf(path)
     layers = nq_layers(reader, path)
     try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config, arch = gguf_config(path, reader)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except UnsupportedArchitecture:
+        raise
     except Exception as e:
         raise NQFormatError(f"{path}: transformers could not read its metadata ({type(e).__name__}: {e})") from e
-    arch = architecture_for(config.model_type)
-    key_length = reader.fields.get(f"{arch.gguf_arch_name}.attention.key_length")
-    if key_length is not None:  # transformers' GGUF config mapping drops an explicit head_dim
-        config.head_dim = int(key_length.contents())
-    by_name = {t.name: t for t in reader.tensors}
-    config.tie_word_embeddings = "output.weight" not in by_name
+    tensors = GGUFTensors(path, arch, config, reader)
+    by_name = tensors.by_name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     used: set[str] = set()
@@ -122,29 +115,16 @@ def load_reference_model(path: Path):
             module = LowRankBinaryLinear(
                 torch.from_numpy(u), torch.from_numpy(nq.v),
                 *(None if s is None else torch.from_numpy(np.ascontiguousarray(s)) for s in (nq.s_pre, nq.s_mid, s_post)),
-                bias=None if bias is None else torch.from_numpy(_tensor_as_float(bias).reshape(-1)))
+                bias=None if bias is None else torch.from_numpy(tensor_as_float(bias).reshape(-1)))
             if (module.out_features, module.in_features) != (dense.out_features, dense.in_features):
                 raise NQFormatError(f"{path}: {base} is {module.out_features}x{module.in_features}, the model "
                                     f"expects {dense.out_features}x{dense.in_features}")
             setattr(model.get_submodule(parent), child, module)
             used.update(f"{base}.{s}" for s in formats.SUFFIXES + ("bias",))
 
-    name_map = __import__("gguf").get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
-    state = {}
-    for hf_name, param in list(model.named_parameters()):
-        if config.tie_word_embeddings and hf_name == "lm_head.weight":
-            continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None or gguf_name not in by_name:
-            raise NQFormatError(f"{path}: no tensor for {hf_name} (looked for {gguf_name})")
-        data = _tensor_as_float(by_name[gguf_name])
-        if tuple(data.shape) != tuple(param.shape):
-            raise NQFormatError(f"{path}: tensor {gguf_name} has shape {data.shape}, expected {tuple(param.shape)}")
-        if gguf_name.endswith("norm.weight") and arch.norm_offset:
-            data = data - arch.norm_offset
-        state[hf_name] = torch.from_numpy(data)
-        used.add(gguf_name)
-    unused = sorted(set(by_name) - used - {"rope_freqs.weight"})
+    state = {hf_name: tensors.get(hf_name, param.shape) for hf_name, param in model.named_parameters()
+             if not (config.tie_word_embeddings and hf_name == "lm_head.weight")}
+    unused = sorted(set(by_name) - used - tensors.used - {"rope_freqs.weight"})
     if unused:
         raise NQFormatError(f"{path}: tensors not used by a {arch.gguf_arch_name} model: {', '.join(unused[:5])}")
     model.load_state_dict(state, strict=False, assign=True)

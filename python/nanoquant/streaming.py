@@ -1,14 +1,17 @@
 """Decoder-block weights that come and go, so a model bigger than RAM converts one block at a time.
 
-A Hugging Face folder is opened as a skeleton: embeddings, final norm, head and buffers are real, every decoder
-block's parameters stay on the meta device until `load` reads them from the safetensors files (F32 in memory) and
-`release` drops them again. A GGUF input is dequantised whole by transformers and is resident (its loads are no-ops).
+A model is opened as a skeleton: embeddings, final norm, head and buffers are real, every decoder block's parameters
+stay on the meta device until `load` reads them (F32 in memory) and `release` drops them again. A Hugging Face folder
+reads them from its safetensors files; a GGUF dequantises them with gguf-py, mapping llama.cpp's names, row order
+and norm convention back to Hugging Face's (the inverse of what llama.cpp's converter does, and what transformers
+does when it loads a GGUF whole).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -58,15 +61,115 @@ class SafetensorsBlocks:
         model.model.layers[index].to("meta")
 
 
+class GGUFTensors:
+    """A GGUF's tensors by Hugging Face parameter name, dequantised to F32 one at a time."""
+
+    def __init__(self, path: Path, arch, config, reader=None):
+        import gguf
+
+        from .fileinfo import open_gguf
+
+        self.path, self.arch, self.config = Path(path), arch, config
+        self.by_name = {t.name: t for t in (reader or open_gguf(path)).tensors}
+        self.names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+        self.used: set[str] = set()
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def get(self, hf_name: str, shape) -> torch.Tensor:
+        from .architectures import gguf_row_permutation
+        from .fileinfo import NQFormatError
+
+        name = self.gguf_name(hf_name)
+        if name is None or name not in self.by_name:
+            raise NQFormatError(f"{self.path}: no tensor for {hf_name} (looked for {name})")
+        data = tensor_as_float(self.by_name[name])
+        if tuple(data.shape) != tuple(shape):
+            raise NQFormatError(f"{self.path}: tensor {name} has shape {data.shape}, expected {tuple(shape)}")
+        if name.endswith("norm.weight") and self.arch.norm_offset:
+            data = data - self.arch.norm_offset
+        if hf_name.startswith("model.layers."):  # q/k rows back from llama.cpp's RoPE order
+            linear = ".".join(hf_name.split(".")[3:-1])
+            perm = gguf_row_permutation(self.arch, linear, data.shape[0], self.config)
+            if perm is not None:
+                data = data[np.argsort(perm)]
+        self.used.add(name)
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+
+
+def tensor_as_float(t) -> np.ndarray:
+    """A gguf-py tensor dequantised to F32, in numpy's (rows, columns) order."""
+    from gguf.quants import dequantize
+
+    data = dequantize(np.asarray(t.data), t.tensor_type)
+    return np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def gguf_config(path: Path, reader):
+    """transformers' config of a GGUF, with what its GGUF mapping drops put back."""
+    from transformers import AutoConfig
+
+    from .architectures import architecture_for
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    arch = architecture_for(config.model_type)
+    key_length = reader.fields.get(f"{arch.gguf_arch_name}.attention.key_length")
+    if key_length is not None:  # an explicit head_dim (qwen3's is not hidden / heads)
+        config.head_dim = int(key_length.contents())
+    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    return config, arch
+
+
+class GGUFBlocks:
+    """Blocks dequantised from a GGUF on demand."""
+    streamed = True
+
+    def __init__(self, tensors: GGUFTensors):
+        self.tensors = tensors
+
+    def load(self, model, index: int) -> None:
+        layer = model.model.layers[index]
+        state = {name: self.tensors.get(f"model.layers.{index}.{name}", p.shape) for name, p in layer.named_parameters()}
+        layer.load_state_dict(state, strict=True, assign=True)
+
+    def release(self, model, index: int) -> None:
+        model.model.layers[index].to("meta")
+
+
+def _empty_model(config):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed for real
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def open_gguf_skeleton(path: Path):
+    """(model, GGUFBlocks): a GGUF's model with only its non-block weights loaded, in F32."""
+    from .fileinfo import open_gguf
+
+    reader = open_gguf(path)
+    config, arch = gguf_config(path, reader)
+    tensors = GGUFTensors(path, arch, config, reader)
+    model = _empty_model(config)
+    tied = config.tie_word_embeddings
+    outside = {name: tensors.get(name, p.shape) for name, p in model.named_parameters()
+               if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight")}
+    model.load_state_dict(outside, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False), GGUFBlocks(tensors)
+
+
 def open_skeleton(folder: Path):
     """(model, SafetensorsBlocks): the model with only its non-block weights loaded, in F32."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     blocks = SafetensorsBlocks(folder)
-    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _empty_model(config)
     outside = {k: v for k, v in blocks.tensors("").items() if not k.startswith("model.layers.")}
     if "lm_head.weight" not in outside and getattr(config, "tie_word_embeddings", False):
         outside["lm_head.weight"] = outside["model.embed_tokens.weight"]
