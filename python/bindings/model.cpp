@@ -195,6 +195,13 @@ class Engine {
     int32_t n_vocab() const { check_open(); return llama_vocab_n_tokens(vocab_); }
     uint32_t n_ctx() const { check_open(); return llama_n_ctx(ctx_); }
 
+    // the GGUF's tokenizer.chat_template, or None
+    py::object chat_template() const {
+        check_open();
+        const char * tmpl = llama_model_chat_template(model_, nullptr);
+        return tmpl ? py::object(py::str(tmpl)) : py::object(py::none());
+    }
+
     py::dict metadata() const {
         check_open();
         py::dict out;
@@ -332,16 +339,7 @@ class Engine {
         float * dst = out.mutable_data();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(mutex_);
-        llama_memory_clear(llama_get_memory(ctx_), true);
-        cached_.clear();
-        const size_t n_batch = llama_n_batch(ctx_);
-        for (size_t begin = 0; begin < tokens.size(); begin += n_batch) {
-            const size_t end = std::min(tokens.size(), begin + n_batch);
-            decode_span(tokens, begin, end, true);
-            for (size_t i = begin; i < end; ++i) {
-                std::copy_n(llama_get_logits_ith(ctx_, (int32_t) (i - begin)), n_vocab, dst + i * n_vocab);
-            }
-        }
+        decode_all_logits(tokens, dst);
         return out;
     }
 
@@ -366,22 +364,13 @@ class Engine {
         std::vector<double> nll(n_chunks, 0.0);
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(mutex_);
-        const int n_batch = (int) llama_n_batch(ctx_);
         std::vector<float> chunk_logits((size_t) chunk * n_vocab);
         for (int c = 0; c < n_chunks; ++c) {
             std::vector<llama_token> window(tokens.begin() + (size_t) c * chunk, tokens.begin() + (size_t) (c + 1) * chunk);
             if (bos) {
                 window[0] = llama_vocab_bos(vocab_);
             }
-            llama_memory_clear(llama_get_memory(ctx_), true);
-            cached_.clear();
-            for (int begin = 0; begin < chunk; begin += n_batch) {
-                const int end = std::min(chunk, begin + n_batch);
-                decode_span(window, begin, end, true);
-                for (int i = begin; i < end; ++i) {
-                    std::copy_n(llama_get_logits_ith(ctx_, i - begin), n_vocab, chunk_logits.data() + (size_t) i * n_vocab);
-                }
-            }
+            decode_all_logits(window, chunk_logits.data());
             const llama_token * target = tokens.data() + (size_t) c * chunk;
             for (int i = first; i < chunk - 1; ++i) {
                 const float * row = chunk_logits.data() + (size_t) i * n_vocab;
@@ -428,6 +417,20 @@ class Engine {
         if (n > llama_n_ctx(ctx_)) {
             throw std::length_error(std::string(what) + " needs " + std::to_string(n) +
                                     " tokens of context, more than n_ctx = " + std::to_string(llama_n_ctx(ctx_)));
+        }
+    }
+
+    // every position's logits of `tokens` decoded from an empty cache, into dst (n_tokens x n_vocab)
+    void decode_all_logits(const std::vector<llama_token> & tokens, float * dst) {
+        const size_t n_vocab = llama_vocab_n_tokens(vocab_), n_batch = llama_n_batch(ctx_);
+        llama_memory_clear(llama_get_memory(ctx_), true);
+        cached_.clear();
+        for (size_t begin = 0; begin < tokens.size(); begin += n_batch) {
+            const size_t end = std::min(tokens.size(), begin + n_batch);
+            decode_span(tokens, begin, end, true);
+            for (size_t i = begin; i < end; ++i) {
+                std::copy_n(llama_get_logits_ith(ctx_, (int32_t) (i - begin)), n_vocab, dst + i * n_vocab);
+            }
         }
     }
 
@@ -495,6 +498,7 @@ void register_engine(py::module_ & m) {
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_cached", &Engine::n_cached)
         .def("metadata", &Engine::metadata)
+        .def("chat_template", &Engine::chat_template)
         .def("sizes", &Engine::sizes)
         .def("prefill", &Engine::prefill, py::arg("tokens"))
         .def("set_sampler", &Engine::set_sampler, py::arg("settings"))

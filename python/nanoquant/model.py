@@ -61,7 +61,6 @@ class Model:
             self._engine = core.Engine(str(self.path), n_ctx, n_threads, min(n_batch, n_ctx), repack)
         except RuntimeError as e:
             raise ModelLoadError(str(e)) from None
-        self.seed = seed
         self._generation = 0  # the latest stream(); an older one still being iterated would share the context
         self._seeds = random.Random(seed)  # one seed per call unless the call gives one: reproducible, not repeated
 
@@ -167,7 +166,7 @@ class Model:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                     or not isinstance(message.get("content"), str):
                 raise TypeError(f"messages[{i}]: expected {{'role': str, 'content': str}}, got {message!r}")
-        template = self._live().metadata().get("tokenizer.chat_template")
+        template = self._live().chat_template()
         if not template:
             raise ValueError(f"{self.path}: the GGUF has no tokenizer.chat_template; use generate() with a prompt")
         from jinja2 import TemplateError
@@ -178,11 +177,12 @@ class Model:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        engine = self._live()
-        special = {name: engine.token_to_piece(token, True).decode("utf-8", errors="replace")
-                   for name, token in (("bos_token", engine.bos), ("eos_token", engine.eos))}
         return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **special)
+                                                bos_token=self._token_text("bos"), eos_token=self._token_text("eos"))
+
+    def _token_text(self, which: str) -> str:
+        engine = self._live()
+        return engine.token_to_piece(getattr(engine, which), True).decode("utf-8", errors="replace")
 
     def chat(self, messages: Sequence[dict], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -191,8 +191,7 @@ class Model:
         """The assistant's reply to `messages` ([{'role': 'user', 'content': ...}, ...]) under the GGUF's chat
         template; an iterator of pieces when stream=True."""
         prompt = self.apply_chat_template(messages)
-        engine = self._live()
-        bos_text = engine.token_to_piece(engine.bos, True).decode("utf-8", errors="replace")
+        bos_text = self._token_text("bos")
         # the template may write BOS itself; add it only where it does not (llama-server does the same)
         tokens = self.tokenize(prompt, add_special=not (bos_text and prompt.startswith(bos_text)), parse_special=True)
         pieces = self.stream(tokens, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, stop, seed)
