@@ -1,6 +1,8 @@
 // ggml-cpu glue of the NQ1 table-lookup kernels (cpp/nq1-lut.c): NQ1 weights placed in the CPU_REPACK buffer are
 // tiled at load time, and their mul_mat builds activation tables in the work buffer, then runs the selected GEMV.
-// Compiled into ggml-cpu by the project's CMakeLists.txt; ggml_patches/0004 hooks it into repack.cpp.
+// Decode-sized NanoQuant layers (s_pre, V, [s_mid], U, s_post: the chain of ggml_patches/0002) also run fused: one
+// step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one more. Compiled into ggml-cpu by the project's CMakeLists.txt;
+// ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into ggml-cpu.c.
 #include "nq1-lut.h"
 
 #include "ggml-cpu-impl.h"
@@ -8,15 +10,47 @@
 #include "repack.h"
 
 #include <algorithm>
+#include <atomic>
 
 namespace {
 
+// Batches up to this many columns are fused: each thread then builds the whole activation tables itself, which at
+// decode sizes costs less than the barrier a shared build needs.
+constexpr int64_t FUSE_MAX_COLS = 8;
+constexpr size_t ALIGN = 64;
+// Fused layers whose sign bytes (times columns) are at most this run on one thread: on the 2-core development machine
+// the barrier that splitting needs costs more than it saves up to SmolLM2's 576x576 layer at 1 bpw (36.9 KB; scratch
+// measurements with thresholds 0, 12, 40 KB and unlimited: 40 KB was fastest on every SmolLM2 shape).
+constexpr size_t SOLO_MAX_BYTES = 40 * 1024;
+
+size_t align_up(size_t n) {
+    return (n + ALIGN - 1) / ALIGN * ALIGN;
+}
+
+// one thread's scratch in a fused layer: scaled activations of every column, then their tables
+size_t fused_thread_bytes(int64_t k, int64_t n_cols) {
+    return align_up((size_t) (n_cols * k) * sizeof(float)) + align_up(nq1_lut_tables_size(k) * (size_t) n_cols);
+}
+
+// Work buffer of a fused layer: the rank-sized intermediate of all columns, then one scratch per thread. Each NQ1
+// product reserves it for its own k and rows, so the V product covers step 1 and the U product step 2.
+size_t fused_work_size(int64_t k, int64_t rows, int64_t n_cols, int n_threads) {
+    return align_up((size_t) (n_cols * std::max(k, rows)) * sizeof(float)) +
+           (size_t) n_threads * fused_thread_bytes(k, n_cols);
+}
+
+std::atomic<uint64_t> fused_layer_count{0};
+
 class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
-    bool work_size(int /* n_threads */, const ggml_tensor * op, size_t & size) override {
+    bool work_size(int n_threads, const ggml_tensor * op, size_t & size) override {
         if (op->op != GGML_OP_MUL_MAT) {
             return false;
         }
-        size = nq1_lut_tables_size(op->src[0]->ne[0]) * (size_t) ggml_nrows(op->src[1]);
+        const int64_t k = op->src[0]->ne[0], rows = op->src[0]->ne[1], n_cols = ggml_nrows(op->src[1]);
+        size = nq1_lut_tables_size(k) * (size_t) n_cols;
+        if (n_cols <= FUSE_MAX_COLS) {
+            size = std::max(size, fused_work_size(k, rows, n_cols, n_threads));
+        }
         return true;
     }
 
@@ -68,11 +102,151 @@ class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
     }
 };
 
+const nq1_lut_traits lut_traits;
+
+bool is_tiled_nq1(const ggml_tensor * w) {
+    return w->type == GGML_TYPE_NQ1 && w->extra == (const void *) &lut_traits;
+}
+
+// a scale vector broadcast along the columns of `of`: F32, contiguous, one row of of->ne[0] values
+bool is_row_scale(const ggml_tensor * s, const ggml_tensor * of) {
+    return s->type == GGML_TYPE_F32 && ggml_is_contiguous(s) && s->ne[0] == of->ne[0] && ggml_nrows(s) == 1;
+}
+
+bool is_f32_columns(const ggml_tensor * t) {  // columns of F32 values, 2D
+    return t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float) && t->ne[2] == 1 && t->ne[3] == 1;
+}
+
+// the nodes of one NanoQuant layer, in graph order
+struct lowrank_chain {
+    const ggml_tensor * pre;    // MUL(x, s_pre)
+    const ggml_tensor * v_mm;   // MUL_MAT(V, pre)
+    const ggml_tensor * mid;    // MUL(v_mm, s_mid), or nullptr
+    const ggml_tensor * u_mm;   // MUL_MAT(U, mid or v_mm)
+    ggml_tensor * post;         // MUL(u_mm, s_post): the layer's output
+
+    bool fits() const {
+        const ggml_tensor * x = pre->src[0];
+        const ggml_tensor * v = v_mm->src[0];
+        const ggml_tensor * u = u_mm->src[0];
+        const ggml_tensor * u_in = mid ? mid : v_mm;
+        return is_f32_columns(x) && is_row_scale(pre->src[1], x) && pre->type == GGML_TYPE_F32 &&
+               is_tiled_nq1(v) && v_mm->src[1] == pre && v->ne[0] == x->ne[0] && x->ne[1] <= FUSE_MAX_COLS &&
+               (!mid || (mid->src[0] == v_mm && is_row_scale(mid->src[1], v_mm))) &&
+               is_tiled_nq1(u) && u_mm->src[1] == u_in && u->ne[0] == v->ne[1] &&
+               post->src[0] == u_mm && is_row_scale(post->src[1], u_mm) && post->type == GGML_TYPE_F32 &&
+               ggml_is_contiguous(post);
+    }
+};
+
+// y[rows of tiles t0..t1] *= s for one column
+void scale_rows(float * y, const float * s, int64_t t0, int64_t t1) {
+    for (int64_t i = t0 * NQ1_LUT_TILE; i < t1 * NQ1_LUT_TILE; i++) {
+        y[i] *= s[i];
+    }
+}
+
+// Same arithmetic as the unfused ops (the scale products are single roundings either way), so the fused layer is
+// bit-identical to the five ops.
+void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) {
+    const ggml_tensor * x = c.pre->src[0];
+    const ggml_tensor * v = c.v_mm->src[0];
+    const ggml_tensor * u = c.u_mm->src[0];
+    const float * s_pre = (const float *) c.pre->src[1]->data;
+    const float * s_mid = c.mid ? (const float *) c.mid->src[1]->data : nullptr;
+    const float * s_post = (const float *) c.post->src[1]->data;
+    const int64_t d_in = v->ne[0], rank = v->ne[1], d_out = u->ne[1], n_cols = x->ne[1];
+    // a layer this small costs less on one thread than the barrier that splitting it needs
+    const bool solo = (size_t) n_cols * (ggml_nbytes(v) + ggml_nbytes(u)) <= SOLO_MAX_BYTES;
+    if (solo && params->ith != 0) {
+        return;
+    }
+    const int ith = solo ? 0 : params->ith, nth = solo ? 1 : params->nth;
+    char * const wdata = (char *) params->wdata;
+    float * const t = (float *) wdata;  // n_cols x rank
+    char * const scratch_base = wdata + align_up((size_t) (n_cols * rank) * sizeof(float));
+    GGML_ASSERT(params->wsize >= align_up((size_t) (n_cols * rank) * sizeof(float)) +
+                                      (size_t) params->nth * fused_thread_bytes(std::max(d_in, rank), n_cols));
+
+    const auto share = [&](int64_t total, int64_t & begin, int64_t & end) {
+        begin = total * ith / nth;
+        end = total * (ith + 1) / nth;
+    };
+    // every thread builds the tables of all columns of `in` (scaled by `scale` when given) in its own scratch
+    const auto build_tables = [&](const char * in, size_t in_stride, const float * scale, int64_t k) -> char * {
+        char * scratch = scratch_base + (size_t) ith * fused_thread_bytes(k, n_cols);
+        float * scaled = (float *) scratch;
+        char * tables = scratch + align_up((size_t) (n_cols * k) * sizeof(float));
+        for (int64_t col = 0; col < n_cols; col++) {
+            const float * src = (const float *) (in + col * in_stride);
+            if (scale) {
+                for (int64_t j = 0; j < k; j++) {
+                    scaled[col * k + j] = src[j] * scale[j];
+                }
+                src = scaled + col * k;
+            }
+            nq1_lut_build(src, k, 0, k / NQ1_LUT_BLOCK, tables + col * nq1_lut_tables_size(k));
+        }
+        return tables;
+    };
+    // this thread's (column, tile) pairs of W times the tables, each output row times `scale`
+    const auto products = [&](const ggml_tensor * w, const char * tables, float * out, int64_t out_rows,
+                              const float * scale) {
+        const int64_t k = w->ne[0], n_tiles = w->ne[1] / NQ1_LUT_TILE;
+        int64_t begin, end;
+        share(n_cols * n_tiles, begin, end);
+        for (int64_t col = begin / n_tiles; col < n_cols && col * n_tiles < end; col++) {
+            const int64_t t0 = std::max(begin - col * n_tiles, (int64_t) 0);
+            const int64_t t1 = std::min(end - col * n_tiles, n_tiles);
+            float * y = out + col * out_rows;
+            nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + col * nq1_lut_tables_size(k),
+                         y + t0 * NQ1_LUT_TILE);
+            if (scale) {
+                scale_rows(y, scale, t0, t1);
+            }
+        }
+    };
+
+    products(v, build_tables((const char *) x->data, x->nb[1], s_pre, d_in), t, rank, s_mid);
+    if (!solo) {
+        ggml_barrier(params->threadpool);  // U's tables read every row of t
+    }
+    products(u, build_tables((const char *) t, rank * sizeof(float), nullptr, rank), (float *) c.post->data, d_out,
+             s_post);
+    if (ith == 0) {
+        fused_layer_count.fetch_add(1, std::memory_order_relaxed);
+    }
+}
+
 }  // namespace
 
 const ggml::cpu::tensor_traits * ggml_nq1_lut_tensor_traits(const ggml_tensor * cur) {
-    static const nq1_lut_traits traits;
     const bool fits = cur->ne[0] % NQ1_LUT_BLOCK == 0 && cur->ne[1] % NQ1_LUT_TILE == 0 && cur->ne[2] == 1 &&
                       cur->ne[3] == 1;
-    return fits ? &traits : nullptr;
+    return fits ? &lut_traits : nullptr;
+}
+
+extern "C" int ggml_nq1_lut_fuse_lowrank(const ggml_compute_params * params, const ggml_cgraph * cgraph, int node_n) {
+    static const ggml_op with_mid[] = { GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL };
+    static const ggml_op without_mid[] = { GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL_MAT, GGML_OP_MUL };
+    for (const bool has_mid : { false, true }) {
+        const int n_nodes = has_mid ? 5 : 4;
+        const int output = node_n + n_nodes - 1;
+        if (!ggml_can_fuse_subgraph(cgraph, node_n, n_nodes, has_mid ? with_mid : without_mid, &output, 1)) {
+            continue;
+        }
+        ggml_tensor * const * nodes = cgraph->nodes + node_n;
+        const lowrank_chain chain = { nodes[0], nodes[1], has_mid ? nodes[2] : nullptr, nodes[n_nodes - 2],
+                                      nodes[n_nodes - 1] };
+        if (!chain.fits()) {
+            return 0;
+        }
+        compute_fused(params, chain);
+        return n_nodes - 1;
+    }
+    return 0;
+}
+
+extern "C" uint64_t ggml_nq1_lut_fused_layers(void) {
+    return fused_layer_count.load(std::memory_order_relaxed);
 }

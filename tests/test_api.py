@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BIN, REPO, llama_perplexity, run_tool
-from nanoquant import ContextOverflowError, Model
+from nanoquant import ContextOverflowError, Model, _core
 from nanoquant.model import _cut_at_stops
 
 PROMPT = "The history of the city begins"
@@ -45,6 +45,16 @@ def test_greedy_generate_equals_llama_completion(which, request):
     expected = llama_completion(model.path, PROMPT, 32)
     assert len(expected) > 0
     assert model.generate(PROMPT, max_tokens=32, temperature=0) == expected
+
+
+def test_decoding_runs_every_nanoquant_layer_fused(smol):
+    """Inside llama.cpp's graph, every NanoQuant layer of a decode-sized batch takes ggml-cpu's fused step
+    (ggml_patches/0005): SmolLM2 has 30 blocks of 7 factorised linears, so each graph adds exactly 210."""
+    per_graph = 30 * 7
+    before = _core.nq1_fused_layers()
+    smol.generate(PROMPT, max_tokens=4, temperature=0)  # the prompt's batch (or its cached part) + 3 decoded tokens
+    fused = _core.nq1_fused_layers() - before
+    assert fused >= 3 * per_graph and fused % per_graph == 0, fused
 
 
 def test_perplexity_equals_llama_perplexity(smol, eval_text):

@@ -1,4 +1,9 @@
 """NQ1 kernels of ggml-cpu: the SIMD vec_dot equals the scalar reference, and the low-rank graph is right."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -66,6 +71,48 @@ def test_table_lookup_path_matches_the_vec_dot_path(d_out, d_in, rank, batch, th
     rel = np.linalg.norm(y_lut - y_plain) / np.linalg.norm(y_plain)
     assert rel < 0.03, rel  # measured 1.2-1.6% with the outlier channel
     np.testing.assert_array_equal(lut.run(x), y_lut)  # deterministic across runs and thread interleavings
+
+
+FUSION_CASES = [  # d_out, d_in, rank, batch, threads, with s_mid
+    (576, 576, 288, 1, 1, False), (576, 576, 32, 1, 2, True), (192, 576, 96, 3, 2, False),
+    (1536, 576, 416, 8, 2, True), (576, 1536, 416, 2, 3, False), (64, 96, 32, 5, 2, True),
+    (192, 576, 96, 9, 2, False),  # above the decode batches (cpp/nq1-lut-ggml.cpp FUSE_MAX_COLS): not fused
+]
+FUSED_MAX_BATCH = 8
+FUSION_COPIES = 3
+
+
+def fusion_case_outputs() -> list[np.ndarray]:
+    """Each case's layer output from one graph of FUSION_COPIES NanoQuant layers (the chain llama.cpp builds)."""
+    outputs = []
+    for d_out, d_in, rank, batch, threads, mid in FUSION_CASES:
+        x = np.random.default_rng(batch + d_out).standard_normal((batch, d_in)).astype(np.float32)
+        x[:, 7] *= 40.0
+        bench = _core.MulMatBench(_core.NQ1_TYPE_ID, d_out, d_in, batch, threads, True, rank, seed=11,
+                                  copies=FUSION_COPIES, mid=mid)
+        outputs.append(bench.run(x))
+    return outputs
+
+
+def test_fused_lowrank_layer_equals_the_unfused_ops(tmp_path):
+    """ggml-cpu runs a decode-sized NanoQuant layer (MUL, MUL_MAT, [MUL,] MUL_MAT, MUL) as one fused step
+    (ggml_patches/0005): bit-identical to the five ops that GGML_CPU_DISABLE_FUSION=1 runs one by one."""
+    child = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+             "from test_kernels import fusion_case_outputs; from nanoquant import _core; "
+             f"np.savez({str(tmp_path / 'unfused.npz')!r}, *fusion_case_outputs()); print(_core.nq1_fused_layers())")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GGML_CPU_DISABLE_FUSION": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "0"  # the switch is honoured: nothing fused in the child
+
+    before = _core.nq1_fused_layers()
+    fused = fusion_case_outputs()
+    expected = FUSION_COPIES * sum(batch <= FUSED_MAX_BATCH for _, _, _, batch, _, _ in FUSION_CASES)
+    assert _core.nq1_fused_layers() - before == expected
+    unfused = np.load(tmp_path / "unfused.npz")
+    for i, case in enumerate(FUSION_CASES):
+        np.testing.assert_array_equal(fused[i], unfused[f"arr_{i}"], err_msg=str(case))
+        assert np.linalg.norm(fused[i]) > 0
 
 
 @pytest.mark.parametrize("type_name", ["NQ1", "Q4_0"])

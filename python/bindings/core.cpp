@@ -150,6 +150,8 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
     return y;
 }
 
+extern "C" uint64_t ggml_nq1_lut_fused_layers(void);  // cpp/nq1-lut-ggml.cpp
+
 void register_mul_mat_bench(py::module_ & m);  // mul_mat_bench.cpp
 void register_engine(py::module_ & m);         // model.cpp
 
@@ -172,6 +174,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("lowrank_binary_matmul", &lowrank_binary_matmul, py::arg("x"), py::arg("v_signs"), py::arg("u_signs"),
           py::arg("s_pre"), py::arg("s_mid"), py::arg("s_post"), py::arg("n_threads") = 1,
           "y = s_post * (U (s_mid * (V (s_pre * x)))) on ggml's CPU backend; x is [tokens, d_in]");
+    m.def("nq1_fused_layers", &ggml_nq1_lut_fused_layers,
+          "NanoQuant layers ggml's CPU backend has run as one fused step in this process (cpp/nq1-lut-ggml.cpp)");
     register_mul_mat_bench(m);
     register_engine(m);
 }

@@ -1,6 +1,6 @@
 // nanoquant._core.MulMatBench: matrix products on ggml's CPU backend, set up once and timed on demand, for
 // bench/kernels.py. A dense layer is mul_mat(W, x) with W of any ggml type; a NanoQuant layer is the graph llama.cpp
-// builds for it (s_pre, V, U, s_post: the converter's default, without s_mid). With repack on, weights go to the
+// builds for it (s_pre, V, U, s_post: the converter's default; s_mid when asked). With repack on, weights go to the
 // CPU_REPACK buffer when ggml has a repacked kernel for them (Q4_0 x8, NQ1 tables), as llama.cpp places them.
 // One graph holds `copies` such layers, each with its own weights, all reading the same input (as q, k and v do):
 // inside llama.cpp a product is one of hundreds in a token's graph, so the cost of starting a graph (waking the
@@ -27,7 +27,7 @@ namespace {
 class MulMatBench {
   public:
     MulMatBench(int type_id, int64_t d_out, int64_t d_in, int64_t batch, int n_threads, bool repack, int64_t rank,
-                uint64_t seed, int copies)
+                uint64_t seed, int copies, bool mid)
         : d_out_(d_out), d_in_(d_in), batch_(batch), copies_(copies) {
         if (copies < 1) {
             throw std::invalid_argument("copies must be at least 1, got " + std::to_string(copies));
@@ -39,6 +39,9 @@ class MulMatBench {
         const bool lowrank = rank > 0;
         if (lowrank && type != GGML_TYPE_NQ1) {
             throw std::invalid_argument("a rank is given only for NQ1 layers");
+        }
+        if (mid && !lowrank) {
+            throw std::invalid_argument("s_mid needs a rank");
         }
         for (int64_t width : lowrank ? std::vector<int64_t>{d_in, rank} : std::vector<int64_t>{d_in}) {
             if (width % ggml_blck_size(type) != 0) {
@@ -52,7 +55,7 @@ class MulMatBench {
         ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
 
         // weights
-        ggml_init_params wp = { (size_t) (2 * copies + 2) * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params wp = { (size_t) (3 * copies + 2) * ggml_tensor_overhead(), nullptr, true };
         ctx_w_ = ggml_init(wp);
         ctx_s_ = ggml_init(wp);
         std::vector<ggml_tensor *> matrices, vectors;
@@ -66,6 +69,10 @@ class MulMatBench {
                 l.s_post = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_out);
                 matrices.insert(matrices.end(), { l.v, l.u });
                 vectors.insert(vectors.end(), { l.s_pre, l.s_post });
+                if (mid) {
+                    l.s_mid = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, rank);
+                    vectors.push_back(l.s_mid);
+                }
             } else {
                 l.w = ggml_new_tensor_2d(ctx_w_, type, d_in, d_out);
                 matrices.push_back(l.w);
@@ -132,6 +139,9 @@ class MulMatBench {
         for (Layer & l : layers_) {
             if (lowrank) {
                 ggml_tensor * t = ggml_mul_mat(ctx_g_, l.v, ggml_mul(ctx_g_, x_, l.s_pre));
+                if (l.s_mid) {
+                    t = ggml_mul(ctx_g_, t, l.s_mid);
+                }
                 l.y = ggml_mul(ctx_g_, ggml_mul_mat(ctx_g_, l.u, t), l.s_post);
             } else {
                 l.y = ggml_mul_mat(ctx_g_, l.w, x_);
@@ -213,7 +223,8 @@ class MulMatBench {
     }
 
     struct Layer {
-        ggml_tensor * w = nullptr, * v = nullptr, * u = nullptr, * s_pre = nullptr, * s_post = nullptr, * y = nullptr;
+        ggml_tensor * w = nullptr, * v = nullptr, * u = nullptr, * s_pre = nullptr, * s_mid = nullptr, * s_post = nullptr,
+                    * y = nullptr;
     };
 
     int64_t d_out_, d_in_, batch_;
@@ -234,9 +245,10 @@ void register_mul_mat_bench(py::module_ & m) {
     py::class_<MulMatBench>(m, "MulMatBench",
                             "[batch, d_in] -> [batch, d_out] products (`copies` layers in one graph) on ggml's CPU "
                             "backend, for timing")
-        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t, int>(), py::arg("type_id"),
+        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t, int, bool>(), py::arg("type_id"),
              py::arg("d_out"), py::arg("d_in"), py::arg("batch") = 1, py::arg("n_threads") = 1,
-             py::arg("repack") = true, py::arg("rank") = 0, py::arg("seed") = 0, py::arg("copies") = 1)
+             py::arg("repack") = true, py::arg("rank") = 0, py::arg("seed") = 0, py::arg("copies") = 1,
+             py::arg("mid") = false)
         .def("time", &MulMatBench::time, py::arg("iterations"), "seconds per product, averaged over the iterations")
         .def("run", &MulMatBench::run, py::arg("x"), "the product for x [batch, d_in]")
         .def_property_readonly("repacked", &MulMatBench::repacked, "whether the weights sit in CPU_REPACK");
