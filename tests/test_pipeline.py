@@ -83,3 +83,34 @@ def test_scale_distillation_lowers_the_kl():
     teacher_hidden, _ = _last_block_outputs(teacher, windows)
     losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=40, lr=1e-2))
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+
+def test_rank_bound_steps_shrink_above_the_presets_bpw():
+    """Presets are sized for 1.0 bpw; at 2.0 SmolLM2's ranks cost 1.64x per token, so ADMM, STE and distillation
+    get 1/1.64 of their steps (those the user did not set), and the time stays about that of 1.0 bpw."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from nanoquant import formats
+    from nanoquant.architectures import architecture_for
+    from nanoquant.convert import build_parser, rank_scaled_settings, settings_from_args
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    with torch.device("meta"):
+        block = LlamaDecoderLayer(config, 0)
+    arch = architecture_for("llama")
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    ratio = (sum(formats.rank_for_bpw(o, i, 1.0) * (o + i) for o, i in shapes) /
+             sum(formats.rank_for_bpw(o, i, 2.0) * (o + i) for o, i in shapes))
+    assert 0.55 < ratio < 0.65
+
+    def settings(*args):
+        return rank_scaled_settings(settings_from_args(build_parser().parse_args(["m.gguf", "--outfile", "o.gguf",
+                                                                                    *args])), block, arch)
+    s = settings("--bpw", "2.0", "--preset", "standard", "--factor-steps", "100")
+    assert s.admm.iterations == round(60 * ratio) and s.distill.steps == round(100 * ratio)
+    assert s.tune.factor_steps == 100 and s.tune.dense_steps == 20  # set by the user; not rank-bound
+    steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
+    assert steps(settings("--bpw", "1.0", "--preset", "standard")) == (60, 100, 100)
+    assert steps(settings("--bpw", "0.55", "--preset", "standard")) == (60, 100, 100)
+    assert steps(settings("--bpw", "2.0", "--preset", "paper")) == (400, 1024, 1024)  # the paper's, as given

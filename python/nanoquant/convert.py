@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -51,18 +51,25 @@ class ConvertSettings:
     distill: DistillSettings = DistillSettings()
     other_type: str = "Q8_0"
     threads: int = 0
+    effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
+    rank_scaled: tuple[str, ...] = ()      # which of RANK_BOUND_STEPS it may scale (not those set by the user)
 
 
 PRESETS: dict[str, dict] = {
     # sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README)
+    # effort_bpw: the step counts are sized for this bpw; above it, the rank-bound stages get proportionally fewer
+    # steps (see rank_scaled_settings), so a higher bpw costs about the same time
     "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
-                 distill_steps=0, tune_batch=1, tune_scope="block"),
+                 distill_steps=0, tune_batch=1, tune_scope="block", effort_bpw=1.0),
     "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
-                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block"),
+                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block", effort_bpw=1.0),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
-                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer"),
+                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer", effort_bpw=None),
 }
+# the stages whose cost per step grows with the rank: ADMM (m n r per iteration), STE tuning and distillation
+# (r (d_in + d_out) per token through each factorised layer)
+RANK_BOUND_STEPS = ("admm_iterations", "factor_steps", "distill_steps")
 
 
 class ConversionError(RuntimeError):
@@ -138,6 +145,30 @@ def load_source(model_path: Path, work_dir: Path) -> Source:
         tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
         base = model_path
     return Source(model, tokenizer, model.config, arch, base, model_path, blocks)
+
+
+def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch: Architecture) -> ConvertSettings:
+    """A preset's step counts are sized for `effort_bpw`; at a higher bpw the ranks grow, and with them the cost of
+    each ADMM iteration, STE step and distillation step. Those counts shrink by the ratio of the per-token cost of
+    one block's factorised layers, sum r (d_in + d_out), so that the conversion takes about the same time."""
+    if settings.effort_bpw is None or settings.bpw <= settings.effort_bpw or not settings.rank_scaled:
+        return settings
+    shapes = [tuple(block.get_submodule(linear).weight.shape) for linear in arch.linears]
+    cost = lambda bpw: sum(formats.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
+    ratio = cost(settings.effort_bpw) / cost(settings.bpw)
+    if ratio >= 1.0:
+        return settings
+    scaled = lambda n: max(1, round(n * ratio)) if n > 0 else 0  # noqa: E731
+    admm, tune, distill = settings.admm, settings.tune, settings.distill
+    if "admm_iterations" in settings.rank_scaled:
+        admm = replace(admm, iterations=scaled(admm.iterations))
+    if "factor_steps" in settings.rank_scaled:
+        tune = replace(tune, factor_steps=scaled(tune.factor_steps))
+    if "distill_steps" in settings.rank_scaled:
+        distill = replace(distill, steps=scaled(distill.steps))
+    print(f"effort: ranks at {settings.bpw} bpw cost {1 / ratio:.2f}x those at {settings.effort_bpw}: ADMM "
+          f"{admm.iterations} iterations, {tune.factor_steps} STE steps, {distill.steps} distillation steps")
+    return replace(settings, admm=admm, tune=tune, distill=distill)
 
 
 def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -227,6 +258,7 @@ def quantize_model(source: Source, settings: ConvertSettings,
                    work: WorkFolder) -> tuple[list[NQLayerTensors], list[LayerReport]]:
     model, config, arch = source.model, source.config, source.arch
     model.requires_grad_(False)
+    settings = rank_scaled_settings(settings, model.model.layers[0], arch)
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
@@ -364,6 +396,7 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
                 "distill_steps", "tune_batch", "tune_scope"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    rank_scaled = tuple(key for key in RANK_BOUND_STEPS if getattr(args, key) is None)
     if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
         raise ConversionError(f"--other-type: unknown ggml type '{args.other_type}'")
     return ConvertSettings(
@@ -375,7 +408,9 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
                           scope=preset["tune_scope"], seed=args.seed),
         distill=DistillSettings(steps=preset["distill_steps"], lr=args.distill_lr, seed=args.seed),
         other_type=args.other_type,
-        threads=args.threads)
+        threads=args.threads,
+        effort_bpw=preset["effort_bpw"],
+        rank_scaled=rank_scaled)
 
 
 def main(argv: list[str] | None = None) -> int:
