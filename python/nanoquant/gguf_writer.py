@@ -20,7 +20,7 @@ from . import formats
 class NQLayerTensors:
     """A factorised layer in llama.cpp's row order, ready to store."""
     base: str               # e.g. blk.3.attn_q
-    u: np.ndarray           # d_out x r signs
+    u: np.ndarray           # d_out x r signs (any signed dtype: negative is -1)
     v: np.ndarray           # r x d_in signs
     s_pre: np.ndarray | None
     s_post: np.ndarray | None
