@@ -41,6 +41,12 @@ size_t fused_work_size(int64_t k, int64_t rows, int64_t n_cols, int n_threads) {
 
 std::atomic<uint64_t> fused_layer_count{0};
 
+// thread ith's part [begin, end) of `total` work items split evenly over nth threads
+void thread_share(int64_t total, int ith, int nth, int64_t & begin, int64_t & end) {
+    begin = total * ith / nth;
+    end = total * (ith + 1) / nth;
+}
+
 class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
     bool work_size(int n_threads, const ggml_tensor * op, size_t & size) override {
         if (op->op != GGML_OP_MUL_MAT) {
@@ -72,8 +78,7 @@ class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
             return (char *) t->data + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
         };
         const auto share = [&](int64_t total, int64_t & begin, int64_t & end) {
-            begin = total * params->ith / params->nth;
-            end = total * (params->ith + 1) / params->nth;
+            thread_share(total, params->ith, params->nth, begin, end);
         };
 
         // 1. tables: (column, block) pairs split evenly over the threads
@@ -164,13 +169,12 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
     const int ith = solo ? 0 : params->ith, nth = solo ? 1 : params->nth;
     char * const wdata = (char *) params->wdata;
     float * const t = (float *) wdata;  // n_cols x rank
-    char * const scratch_base = wdata + align_up((size_t) (n_cols * rank) * sizeof(float));
-    GGML_ASSERT(params->wsize >= align_up((size_t) (n_cols * rank) * sizeof(float)) +
-                                      (size_t) params->nth * fused_thread_bytes(std::max(d_in, rank), n_cols));
+    const size_t t_bytes = align_up((size_t) (n_cols * rank) * sizeof(float));
+    char * const scratch_base = wdata + t_bytes;
+    GGML_ASSERT(params->wsize >= t_bytes + (size_t) params->nth * fused_thread_bytes(std::max(d_in, rank), n_cols));
 
     const auto share = [&](int64_t total, int64_t & begin, int64_t & end) {
-        begin = total * ith / nth;
-        end = total * (ith + 1) / nth;
+        thread_share(total, ith, nth, begin, end);
     };
     // every thread builds the tables of all columns of `in` (scaled by `scale` when given) in its own scratch
     const auto build_tables = [&](const char * in, size_t in_stride, const float * scale, int64_t k) -> char * {
