@@ -85,6 +85,32 @@ def test_scale_distillation_lowers_the_kl():
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
 
 
+def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
+    from nanoquant.admm import lowrank_binary_product
+
+    torch.manual_seed(0)
+    layer = factorize(torch.randn(96, 64), 32, torch.ones(64), torch.ones(96), AdmmSettings(iterations=3))
+    frozen = FrozenLowRankBinary(layer, torch.randn(96))
+    frozen.pre_offset.requires_grad_(True)
+    frozen.post_offset.requires_grad_(True)
+    x = torch.randn(5, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = frozen(x)
+    # no float tensor as large as a sign matrix is kept for the backward: only the int8 signs themselves
+    big = [t for t in saved if t.numel() >= 32 * 64]
+    assert big and all(t.dtype == torch.int8 for t in big), [(t.dtype, tuple(t.shape)) for t in big]
+    y.square().sum().backward()
+    s_pre, s_post = frozen.scales()
+    pre = frozen.pre_offset.detach().clone().requires_grad_(True)
+    post = frozen.post_offset.detach().clone().requires_grad_(True)
+    y_float = lowrank_binary_product(x, frozen.u.float(), frozen.v.float(), frozen.s_pre0 * (1 + pre), None,
+                                     frozen.s_post0 * (1 + post), frozen.bias)
+    y_float.square().sum().backward()
+    assert torch.equal(y, y_float)
+    assert torch.allclose(frozen.pre_offset.grad, pre.grad) and torch.allclose(frozen.post_offset.grad, post.grad)
+
+
 def test_rank_bound_steps_shrink_above_the_presets_bpw():
     """Presets are sized for 1.0 bpw; at 2.0 SmolLM2's ranks cost 1.64x per token, so ADMM, STE and distillation
     get 1/1.64 of their steps (those the user did not set), and the time stays about that of 1.0 bpw."""

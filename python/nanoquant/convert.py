@@ -294,6 +294,9 @@ def quantize_model(source: Source, settings: ConvertSettings,
             stream = {} if data is None else {"fp": data.fp, "quantized": data.quantized}
             work.save_block(i, layers, block_reports, stream)
         reports += block_reports
+        # the block's float factors and latents (16 bytes a weight: 3 GB for a 7B block) must not live on
+        # through the next block; the model keeps int8 signs
+        del layers
     progress.close()
     print(f"blocks: {time.time() - clock:.0f} s")
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
