@@ -32,14 +32,36 @@ class LowRankBinary:
         return self.s_post[:, None] * (self.u @ self.v) * self.s_pre[None, :]
 
 
+class TimesSigns(torch.autograd.Function):
+    """x @ signs.T for int8 +-1 signs, whose backward keeps the int8 signs rather than the float copy a plain matmul
+    saves: a backward through the whole model (distillation) would otherwise hold float copies of every layer's
+    signs, 4 bytes a weight (26 GB for a 7B model)."""
+
+    @staticmethod
+    def forward(ctx, x, signs):
+        ctx.save_for_backward(signs)
+        return x @ signs.to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        (signs,) = ctx.saved_tensors
+        return grad @ signs.to(grad.dtype), None
+
+
+def _times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T; int8 sign matrices stay int8 for the backward."""
+    return TimesSigns.apply(x, w) if w.dtype == torch.int8 else x @ w.T
+
+
 def lowrank_binary_product(x, u, v, s_pre=None, s_mid=None, s_post=None, bias=None) -> torch.Tensor:
-    """y = s_post * (U (s_mid * (V (s_pre * x)))) + bias for x [..., d_in]; absent scales count as ones."""
+    """y = s_post * (U (s_mid * (V (s_pre * x)))) + bias for x [..., d_in]; absent scales count as ones. U and V are
+    float or int8 signs."""
     if s_pre is not None:
         x = x * s_pre
-    t = x @ v.T
+    t = _times(x, v)
     if s_mid is not None:
         t = t * s_mid
-    y = t @ u.T
+    y = _times(t, u)
     if s_post is not None:
         y = y * s_post
     return y if bias is None else y + bias

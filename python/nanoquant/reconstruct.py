@@ -73,22 +73,6 @@ class TrainableLowRankBinary(torch.nn.Module):
                              v_latent=self.v_latent.detach().clone())
 
 
-class TimesSigns(torch.autograd.Function):
-    """x @ signs.T for int8 +-1 signs, whose backward keeps the int8 signs rather than the float copy a plain matmul
-    saves: a backward through the whole model (distillation) would otherwise hold float copies of every layer's
-    signs, 4 bytes a weight (26 GB for a 7B model)."""
-
-    @staticmethod
-    def forward(ctx, x, signs):
-        ctx.save_for_backward(signs)
-        return x @ signs.to(x.dtype).T
-
-    @staticmethod
-    def backward(ctx, grad):
-        (signs,) = ctx.saved_tensors
-        return grad @ signs.to(grad.dtype), None
-
-
 class FrozenLowRankBinary(torch.nn.Module):
     """A finished layer: y = s_post * (U (V (s_pre * x))) + bias, signs fixed (held as int8, a quarter of float32);
     the multiplicative scale offsets stay trainable parameters for model reconstruction (frozen unless a caller
@@ -108,10 +92,8 @@ class FrozenLowRankBinary(torch.nn.Module):
         return self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
 
     def forward(self, x):
-        # the operations of lowrank_binary_product, in its order (identical results), with int8 signs kept
         s_pre, s_post = self.scales()
-        y = TimesSigns.apply(TimesSigns.apply(x * s_pre, self.v), self.u) * s_post
-        return y if self.bias is None else y + self.bias
+        return lowrank_binary_product(x, self.u, self.v, s_pre, None, s_post, self.bias)
 
     @torch.no_grad()
     def layer(self) -> LowRankBinary:
