@@ -37,3 +37,14 @@ def test_sign_baseline_and_linear_bits(tmp_path, smol_tokenizer, tiny_nq_models)
     nq = tiny_nq_models["llama"]
     bits, weights = decoder_linear_bits(nq)
     assert np.isclose(bits / weights, describe(nq).bpw_linear)
+
+
+def test_convert_seconds_come_from_the_converters_log(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import converter_seconds
+
+    model = tmp_path / "NQ-1.0.gguf"
+    assert converter_seconds(model) is None  # no log: the caller keeps its own clock
+    model.with_suffix(".log").write_text(
+        "blocks: 1129 s\nwrote /x/NQ-1.0.gguf (45,152,320 bytes) in 1919 s, peak RSS 3219 MiB\n")
+    assert converter_seconds(model) == 1919.0

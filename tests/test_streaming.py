@@ -87,3 +87,37 @@ def test_gguf_blocks_equal_transformers_whole_load(kind, tmp_path, smol_tokenize
             assert torch.equal(p, expected[f"model.layers.{i}.{name}"]), (i, name)
         blocks.release(skeleton, i)
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
+
+
+def test_skeleton_reads_no_block_tensor_and_keeps_no_file_mapped(tmp_path, smol_tokenizer, monkeypatch):
+    import safetensors
+
+    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
+    read, open_handles = [], []
+    real_safe_open = safetensors.safe_open
+
+    class CountingHandle:  # records the tensors read and whether the mapping is still open
+        def __init__(self, *args, **kwargs):
+            self.inner = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            open_handles.append(self)
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            open_handles.remove(self)
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingHandle)
+    skeleton, blocks = open_skeleton(hf)
+    assert read and not any(k.startswith("model.layers.") for k in read), read
+    blocks.load(skeleton, 0)
+    assert any(k.startswith("model.layers.0.") for k in read) and not open_handles
