@@ -20,6 +20,8 @@ TINY_ARCHS = {"llama": "llama", "qwen3": "qwen3", "mistral": "llama", "gemma3": 
 # the whole method at token effort: dense tuning, ADMM, STE tuning (q/k/v biases too on qwen2), scale distillation
 TINY_METHOD_ARGS = ("--calib-windows", "4", "--calib-window-tokens", "256", "--admm-iterations", "20",
                     "--dense-steps", "2", "--factor-steps", "3", "--distill-steps", "2", "--tune-batch", "2")
+# one family also carries the per-rank scale s_mid, so llama.cpp's and the reference's handling of it are compared
+TINY_EXTRA_ARGS = {"llama": ("--mid-scale", "on")}
 
 
 def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -90,7 +92,7 @@ def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
         work = tmp_path_factory.mktemp(f"tiny-{kind}")
         hf_dir = make_tiny_model(kind, work / "hf", smol_tokenizer)
         nq = work / f"{kind}-nq.gguf"
-        proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", *TINY_METHOD_ARGS)
+        proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", *TINY_METHOD_ARGS, *TINY_EXTRA_ARGS.get(kind, ()))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[kind] = nq
     return out

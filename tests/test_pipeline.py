@@ -101,7 +101,6 @@ def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
     big = [t for t in saved if t.numel() >= 32 * 64]
     assert big and all(t.dtype == torch.int8 for t in big), [(t.dtype, tuple(t.shape)) for t in big]
     y.square().sum().backward()
-    s_pre, s_post = frozen.scales()
     pre = frozen.pre_offset.detach().clone().requires_grad_(True)
     post = frozen.post_offset.detach().clone().requires_grad_(True)
     y_float = lowrank_binary_product(x, frozen.u.float(), frozen.v.float(), frozen.s_pre0 * (1 + pre), None,
@@ -140,3 +139,47 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
     assert steps(settings("--bpw", "1.0", "--preset", "standard")) == (60, 100, 100)
     assert steps(settings("--bpw", "0.55", "--preset", "standard")) == (60, 100, 100)
     assert steps(settings("--bpw", "2.0", "--preset", "paper")) == (400, 1024, 1024)  # the paper's, as given
+
+
+def test_per_rank_scales_only_lower_the_preconditioned_error():
+    # same seed, same ADMM run, same signs: the s_mid least squares contains the global factor's solution
+    torch.manual_seed(0)
+    weight = torch.randn(96, 320) * torch.rand(320)
+    d_in, d_out = torch.rand(320) + 0.5, torch.rand(96) + 0.5
+    target = d_out[:, None] * weight * d_in[None, :]
+    errors = {}
+    for mid in (False, True):
+        layer = factorize(weight, 64, d_in, d_out, AdmmSettings(iterations=10), mid_scale=mid)
+        assert (layer.s_mid is not None) == mid
+        errors[mid] = relative_error(target, d_out[:, None] * layer.dense() * d_in[None, :])
+    assert errors[True] < errors[False], errors
+    for tall in (False, True):  # both orientations of ADMM give s_mid on the rank axis
+        w = weight.T if tall else weight
+        layer = factorize(w, 32, torch.ones(w.shape[1]), torch.ones(w.shape[0]), AdmmSettings(iterations=5),
+                          mid_scale=True)
+        assert layer.s_mid.shape == (32,) and layer.dense().shape == w.shape
+
+
+def test_s_mid_is_kept_only_where_the_rank_rule_has_room_for_it():
+    from nanoquant import formats
+    for d_out, d_in in ((576, 576), (192, 576), (1536, 576), (576, 1536), (96, 224)):
+        for bpw in (0.55, 1.0, 2.0):
+            rank, has_mid = formats.layer_plan(d_out, d_in, bpw, mid_scale=True)
+            assert rank == formats.rank_for_bpw(d_out, d_in, bpw) and formats.layer_plan(d_out, d_in, bpw, False)[1] is False
+            bits = formats.LayerBits(d_out, d_in, rank, has_s_mid=has_mid)
+            assert bits.bpw <= bpw or rank == formats.RANK_MULTIPLE, (d_out, d_in, bpw)
+    assert formats.layer_plan(192, 576, 1.0, True) == (96, True) and formats.layer_plan(576, 576, 1.0, True) == (256, False)
+
+
+def test_scale_offsets_include_s_mid_for_tuning_and_distillation():
+    torch.manual_seed(0)
+    layer = factorize(torch.randn(64, 96), 32, torch.ones(96), torch.ones(64), AdmmSettings(iterations=5),
+                      mid_scale=True)
+    x = torch.randn(5, 96)
+    for module in (TrainableLowRankBinary(layer, None), FrozenLowRankBinary(layer, None)):
+        assert len(module.scale_offsets()) == 3
+        assert torch.allclose(module(x), x @ layer.dense().T, atol=1e-4)
+    frozen = FrozenLowRankBinary(layer, None)
+    with torch.no_grad():
+        frozen.mid_offset.fill_(0.5)
+    assert torch.allclose(frozen.layer().s_mid, layer.s_mid * 1.5)

@@ -27,9 +27,11 @@ class LowRankBinary:
     s_post: torch.Tensor     # d_out
     u_latent: torch.Tensor   # d_out x r
     v_latent: torch.Tensor   # r x d_in
+    s_mid: torch.Tensor | None = None  # r, optional per-rank scale
 
     def dense(self) -> torch.Tensor:
-        return self.s_post[:, None] * (self.u @ self.v) * self.s_pre[None, :]
+        u = self.u.float() if self.s_mid is None else self.u.float() * self.s_mid[None, :]
+        return self.s_post[:, None] * (u @ self.v.float()) * self.s_pre[None, :]
 
 
 class TimesSigns(torch.autograd.Function):
@@ -97,8 +99,9 @@ def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, shift: float) -> torch.T
 
 
 def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.Tensor,
-              settings: AdmmSettings = AdmmSettings()) -> LowRankBinary:
-    """LB-ADMM on the tall orientation of D_out W D_in, then scale extraction and magnitude balancing."""
+              settings: AdmmSettings = AdmmSettings(), mid_scale: bool = False) -> LowRankBinary:
+    """LB-ADMM on the tall orientation of D_out W D_in, then scale extraction and magnitude balancing; with
+    `mid_scale`, also the per-rank scale s_mid that best fits the preconditioned target."""
     w = weight.detach().float()
     transposed = w.shape[0] < w.shape[1]
     if transposed:  # ADMM always runs on a tall matrix
@@ -128,14 +131,28 @@ def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.
     a_hat = a_hat / za.norm(dim=0, keepdim=True).clamp_min(1e-30)
     s_rows, s_cols = a_hat.abs().mean(dim=1), b_hat.abs().mean(dim=0)
     sa, sb = sign(a_hat), sign(b_hat)
-    # Not in the reference: the closed-form best global factor in the preconditioned norm. It can only lower that
-    # error, and it keeps the scale right when ADMM ran few iterations (the export assumes near-converged proxies).
-    approx = d_out[:, None] * (s_rows[:, None] * (sa @ sb) * s_cols[None, :]) * d_in[None, :]
-    s_rows = s_rows * (target * approx).sum() / (approx * approx).sum().clamp_min(1e-30)
+    # Not in the reference: the closed-form best global factor (or per-rank factors, s_mid) in the preconditioned
+    # norm. It can only lower that error, and it keeps the scale right when ADMM ran few iterations (the export
+    # assumes near-converged proxies). The scale extraction averages the per-rank magnitudes away; s_mid restores them.
+    left = (d_out * s_rows)[:, None] * sa          # m x r
+    right = sb * (s_cols * d_in)[None, :]          # r x n
+    s_mid = best_rank_scales(target, left, right) if mid_scale else None
+    if s_mid is None:
+        approx = left @ right
+        s_rows = s_rows * (target * approx).sum() / (approx * approx).sum().clamp_min(1e-30)
     if transposed:
         return LowRankBinary(u=sb.T.contiguous(), v=sa.T.contiguous(), s_pre=s_rows, s_post=s_cols,
-                             u_latent=b_lat.T.contiguous(), v_latent=a_lat.T.contiguous())
-    return LowRankBinary(u=sa, v=sb, s_pre=s_cols, s_post=s_rows, u_latent=a_lat, v_latent=b_lat)
+                             u_latent=b_lat.T.contiguous(), v_latent=a_lat.T.contiguous(), s_mid=s_mid)
+    return LowRankBinary(u=sa, v=sb, s_pre=s_cols, s_post=s_rows, u_latent=a_lat, v_latent=b_lat, s_mid=s_mid)
+
+
+def best_rank_scales(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """argmin_m ||target - left diag(m) right||_F: a least-squares problem in r unknowns whose Gram matrix is
+    (left^T left) * (right right^T) (elementwise), so it costs two r x r Grams and one solve."""
+    gram = (left.T @ left) * (right @ right.T)
+    rhs = ((left.T @ target) * right).sum(dim=1)
+    scale = gram.diagonal().mean().clamp_min(1e-30)
+    return _ridge_solve(gram / scale, (rhs / scale)[:, None], 1e-6).squeeze(1)
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

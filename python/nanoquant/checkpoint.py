@@ -81,7 +81,7 @@ class WorkFolder:
                    reports: list, stream: dict) -> None:
         payload = {
             "layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": layer.s_pre, "s_post": layer.s_post,
-                              "bias": bias} for name, (layer, bias) in layers.items()},
+                              "s_mid": layer.s_mid, "bias": bias} for name, (layer, bias) in layers.items()},
             "reports": reports,
         }
         _atomic_save(payload, self._block_path(index))
@@ -92,8 +92,8 @@ class WorkFolder:
         layers = {}
         for name, t in payload["layers"].items():
             u, v = _unpack(t["u"]), _unpack(t["v"])
-            layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v),
-                            t["bias"])
+            layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v,
+                                          s_mid=t.get("s_mid")), t["bias"])
         return layers, payload["reports"]
 
     def load_stream(self) -> dict:

@@ -49,6 +49,7 @@ class ConvertSettings:
     admm: AdmmSettings = AdmmSettings()
     tune: TuneSettings = TuneSettings()
     distill: DistillSettings = DistillSettings()
+    mid_scale: bool = False  # a per-rank scale s_mid in the layers whose rank rounding leaves room for its bits
     other_type: str = "Q8_0"
     threads: int = 0
     effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
@@ -60,12 +61,14 @@ PRESETS: dict[str, dict] = {
     # effort_bpw: the step counts are sized for this bpw; above it, the rank-bound stages get proportionally fewer
     # steps (see rank_scaled_settings), so a higher bpw costs about the same time
     "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
-                 distill_steps=0, tune_batch=1, tune_scope="block", effort_bpw=1.0),
+                 distill_steps=0, tune_batch=1, tune_scope="block", effort_bpw=1.0, mid_scale=False),
     "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
-                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block", effort_bpw=1.0),
+                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block", effort_bpw=1.0,
+                     mid_scale=False),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
-                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer", effort_bpw=None),
+                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer", effort_bpw=None,
+                  mid_scale=False),
 }
 # the stages whose cost per step grows with the rank: ADMM (m n r per iteration), STE tuning and distillation
 # (r (d_in + d_out) per token through each factorised layer)
@@ -180,7 +183,7 @@ def _layer_report(name: str, original: torch.Tensor, layer: LowRankBinary, pre_i
     w0, approx = original.float(), layer.dense()
     weighted = relative_error(pre_out[:, None] * w0 * pre_in[None, :], pre_out[:, None] * approx * pre_in[None, :])
     d_out, d_in = w0.shape
-    bits = formats.LayerBits(d_out, d_in, layer.u.shape[1])
+    bits = formats.LayerBits(d_out, d_in, layer.u.shape[1], has_s_mid=layer.s_mid is not None)
     return LayerReport(name, d_out, d_in, layer.u.shape[1], bits.bpw, relative_error(w0, approx), weighted)
 
 
@@ -190,7 +193,7 @@ def _tuning_groups(trainables: list[TrainableLowRankBinary], tune: TuneSettings)
         # latent steps relative to each factor's mean |latent|, so one rate means the same for every layer
         groups.append({"params": [t.u_latent], "lr": tune.latent_lr * float(t.u_latent.detach().abs().mean())})
         groups.append({"params": [t.v_latent], "lr": tune.latent_lr * float(t.v_latent.detach().abs().mean())})
-        scales = [t.pre_offset, t.post_offset] + ([t.bias] if t.bias is not None else [])
+        scales = t.scale_offsets() + ([t.bias] if t.bias is not None else [])
         groups.append({"params": scales, "lr": tune.scale_lr})
     return groups
 
@@ -228,8 +231,8 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
             dense = block.get_submodule(linear)
             weight = dense.weight.detach().float()
             pre_in, pre_out = stats[prefix + linear].preconditioners(gamma)
-            layers[linear] = factorize(weight, formats.rank_for_bpw(*weight.shape, settings.bpw), pre_in, pre_out,
-                                       settings.admm)
+            rank, has_mid = formats.layer_plan(*weight.shape, settings.bpw, settings.mid_scale)
+            layers[linear] = factorize(weight, rank, pre_in, pre_out, settings.admm, mid_scale=has_mid)
         biases = {linear: block.get_submodule(linear).bias for linear in group}
         if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of the new factors' signs and scales
             trainables = {linear: TrainableLowRankBinary(layers[linear], biases[linear]) for linear in group}
@@ -318,7 +321,8 @@ def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
         u, s_post = u[perm], s_post[perm]
         bias = None if bias is None else bias[perm]
     return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u, v=layer.v.numpy(),
-                          s_pre=layer.s_pre.numpy(), s_post=s_post, bias=bias)
+                          s_pre=layer.s_pre.numpy(), s_post=s_post, bias=bias,
+                          s_mid=None if layer.s_mid is None else layer.s_mid.numpy())
 
 
 def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None:
@@ -326,7 +330,7 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
     for r in reports:
         print(f"{r.name:<34} {f'{r.d_out}x{r.d_in}':>11} {r.rank:>5} {r.bpw:>6.3f} {r.rel_error:>8.4f} "
               f"{r.weighted_error:>8.4f}")
-    bpw = formats.realized_bpw([formats.LayerBits(r.d_out, r.d_in, r.rank) for r in reports])
+    bpw = sum(r.bpw * r.d_out * r.d_in for r in reports) / sum(r.d_out * r.d_in for r in reports)  # all bits / weights
     mean_err = float(np.mean([r.rel_error for r in reports]))
     print(f"\nquantized layers: {len(reports)}, realized bpw {bpw:.4f}, mean relative error {mean_err:.4f}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -384,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
     p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
                    help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
+    p.add_argument("--mid-scale", choices=("on", "off"), default=None,
+                   help="a per-rank scale s_mid (16 bits a rank) in layers whose rank rounding leaves room for it")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default OUTFILE.work)")
     p.add_argument("--resume", action="store_true", help="continue the conversion checkpointed in the work folder")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
@@ -399,6 +405,8 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
                 "distill_steps", "tune_batch", "tune_scope"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    if args.mid_scale is not None:
+        preset["mid_scale"] = args.mid_scale == "on"
     rank_scaled = tuple(key for key in RANK_BOUND_STEPS if getattr(args, key) is None)
     if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
         raise ConversionError(f"--other-type: unknown ggml type '{args.other_type}'")
@@ -410,6 +418,7 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
                           latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=preset["tune_batch"],
                           scope=preset["tune_scope"], seed=args.seed),
         distill=DistillSettings(steps=preset["distill_steps"], lr=args.distill_lr, seed=args.seed),
+        mid_scale=preset["mid_scale"],
         other_type=args.other_type,
         threads=args.threads,
         effort_bpw=preset["effort_bpw"],

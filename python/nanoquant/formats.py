@@ -70,6 +70,13 @@ def rank_for_bpw(d_out: int, d_in: int, bpw: float, scale_bits: int = SCALE_BITS
     return max(RANK_MULTIPLE, min(r, cap))
 
 
+def layer_plan(d_out: int, d_in: int, bpw: float, mid_scale: bool) -> tuple[int, bool]:
+    """(rank, has s_mid) of a layer: s_mid only where its 16 r bits fit in what the rank's rounding down to a
+    multiple of 32 leaves over, so a per-rank scale never costs rank."""
+    rank = rank_for_bpw(d_out, d_in, bpw)
+    return rank, mid_scale and rank_for_bpw(d_out, d_in, bpw, n_scales=3) == rank
+
+
 @dataclass(frozen=True)
 class LayerBits:
     d_out: int
@@ -93,7 +100,3 @@ class LayerBits:
     def bpw(self) -> float:
         return self.bits / self.weights
 
-
-def realized_bpw(layers: list[LayerBits]) -> float:
-    """Bits of all NanoQuant tensors divided by the dense weights they replace (the method's model bpw)."""
-    return sum(layer.bits for layer in layers) / sum(layer.weights for layer in layers)

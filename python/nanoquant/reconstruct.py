@@ -43,7 +43,28 @@ class StraightThroughSign(torch.autograd.Function):
         return grad
 
 
-class TrainableLowRankBinary(torch.nn.Module):
+class _ScaleOffsets(torch.nn.Module):
+    """The multiplicative scales of a factorised layer, s = s0 (1 + offset): s_pre, s_post and, where the layer has
+    one, s_mid. Offsets start at zero, so one learning rate means the same for every layer."""
+
+    def _init_scales(self, layer: LowRankBinary, trainable: bool) -> None:
+        self.register_buffer("s_pre0", layer.s_pre.clone())
+        self.register_buffer("s_post0", layer.s_post.clone())
+        self.register_buffer("s_mid0", None if layer.s_mid is None else layer.s_mid.clone())
+        offset = lambda s: torch.nn.Parameter(torch.zeros_like(s), requires_grad=trainable)  # noqa: E731
+        self.pre_offset, self.post_offset = offset(layer.s_pre), offset(layer.s_post)
+        self.mid_offset = None if layer.s_mid is None else offset(layer.s_mid)
+
+    def scale_offsets(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.pre_offset, self.mid_offset, self.post_offset) if p is not None]
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """s_pre, s_mid (None where the layer has none), s_post."""
+        s_mid = None if self.s_mid0 is None else self.s_mid0 * (1 + self.mid_offset)
+        return self.s_pre0 * (1 + self.pre_offset), s_mid, self.s_post0 * (1 + self.post_offset)
+
+
+class TrainableLowRankBinary(_ScaleOffsets):
     """A factorised layer during step 3: latents under a straight-through sign and multiplicative scales."""
 
     def __init__(self, layer: LowRankBinary, bias: torch.Tensor | None):
@@ -51,56 +72,43 @@ class TrainableLowRankBinary(torch.nn.Module):
         # the latents carry ADMM's consensus magnitudes with the signs of the exported factors
         self.u_latent = torch.nn.Parameter(layer.u_latent.abs().clamp_min(1e-12) * layer.u)
         self.v_latent = torch.nn.Parameter(layer.v_latent.abs().clamp_min(1e-12) * layer.v)
-        self.register_buffer("s_pre0", layer.s_pre.clone())
-        self.register_buffer("s_post0", layer.s_post.clone())
-        self.pre_offset = torch.nn.Parameter(torch.zeros_like(layer.s_pre))
-        self.post_offset = torch.nn.Parameter(torch.zeros_like(layer.s_post))
+        self._init_scales(layer, trainable=True)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s_pre, s_post = self.scales()
         return lowrank_binary_product(x, StraightThroughSign.apply(self.u_latent),
-                                      StraightThroughSign.apply(self.v_latent), s_pre, None, s_post, self.bias)
+                                      StraightThroughSign.apply(self.v_latent), *self.scales(), self.bias)
 
     @torch.no_grad()
     def finalize(self) -> LowRankBinary:
-        s_pre, s_post = self.scales()
-        return LowRankBinary(u=sign(self.u_latent), v=sign(self.v_latent), s_pre=s_pre.clone(),
-                             s_post=s_post.clone(), u_latent=self.u_latent.detach().clone(),
-                             v_latent=self.v_latent.detach().clone())
+        s_pre, s_mid, s_post = (None if s is None else s.clone() for s in self.scales())
+        return LowRankBinary(u=sign(self.u_latent), v=sign(self.v_latent), s_pre=s_pre, s_post=s_post,
+                             u_latent=self.u_latent.detach().clone(), v_latent=self.v_latent.detach().clone(),
+                             s_mid=s_mid)
 
 
-class FrozenLowRankBinary(torch.nn.Module):
-    """A finished layer: y = s_post * (U (V (s_pre * x))) + bias, signs fixed (held as int8, a quarter of float32);
-    the multiplicative scale offsets stay trainable parameters for model reconstruction (frozen unless a caller
-    enables their gradients)."""
+class FrozenLowRankBinary(_ScaleOffsets):
+    """A finished layer: y = s_post * (U (s_mid * (V (s_pre * x)))) + bias, signs fixed (held as int8, a quarter of
+    float32); the multiplicative scale offsets stay trainable parameters for model reconstruction (frozen unless a
+    caller enables their gradients)."""
 
     def __init__(self, layer: LowRankBinary, bias: torch.Tensor | None):
         super().__init__()
         self.register_buffer("u", layer.u.to(torch.int8))
         self.register_buffer("v", layer.v.to(torch.int8))
-        self.register_buffer("s_pre0", layer.s_pre)
-        self.register_buffer("s_post0", layer.s_post)
-        self.pre_offset = torch.nn.Parameter(torch.zeros_like(layer.s_pre), requires_grad=False)
-        self.post_offset = torch.nn.Parameter(torch.zeros_like(layer.s_post), requires_grad=False)
+        self._init_scales(layer, trainable=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.s_pre0 * (1 + self.pre_offset), self.s_post0 * (1 + self.post_offset)
-
     def forward(self, x):
-        s_pre, s_post = self.scales()
-        return lowrank_binary_product(x, self.u, self.v, s_pre, None, s_post, self.bias)
+        return lowrank_binary_product(x, self.u, self.v, *self.scales(), self.bias)
 
     @torch.no_grad()
     def layer(self) -> LowRankBinary:
         """The finished layer for writing. Its signs are the int8 buffers themselves: float copies of every layer's
         signs, as the writer once took, are 4 bytes a weight (26 GB for a 7B model)."""
-        s_pre, s_post = self.scales()
-        return LowRankBinary(u=self.u, v=self.v, s_pre=s_pre, s_post=s_post, u_latent=self.u, v_latent=self.v)
+        s_pre, s_mid, s_post = self.scales()
+        return LowRankBinary(u=self.u, v=self.v, s_pre=s_pre, s_post=s_post, u_latent=self.u, v_latent=self.v,
+                             s_mid=s_mid)
 
 
 @dataclass(frozen=True)
@@ -125,8 +133,7 @@ def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
     block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held."""
     if settings.steps <= 0:
         return []
-    offsets = [p for m in student.modules() if isinstance(m, FrozenLowRankBinary)
-               for p in (m.pre_offset, m.post_offset)]
+    offsets = [p for m in student.modules() if isinstance(m, FrozenLowRankBinary) for p in m.scale_offsets()]
     for p in offsets:
         p.requires_grad_(True)
     opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
