@@ -48,3 +48,18 @@ def test_resume_without_a_work_folder_is_an_error(tmp_path, smol_tokenizer):
     hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
     proc = run_converter(hf, "--outfile", tmp_path / "x.gguf", "--resume")
     assert proc.returncode == 2 and "x.gguf.work" in proc.stderr and "nothing to resume" in proc.stderr
+
+
+def test_a_work_folder_belongs_to_everything_but_the_distillation(tmp_path):
+    from dataclasses import replace
+
+    from nanoquant.convert import ConvertSettings, DistillSettings, _identity
+    from nanoquant.admm import AdmmSettings
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"x")
+    base = ConvertSettings(rank_scaled=("admm_iterations", "distill_steps"))
+    other_distillation = replace(base, distill=DistillSettings(steps=7, lr=3e-3), rank_scaled=("admm_iterations",))
+    assert _identity(source, base) == _identity(source, other_distillation)
+    assert _identity(source, base) != _identity(source, replace(base, admm=AdmmSettings(iterations=3)))
+    assert _identity(source, base) != _identity(source, replace(base, mid_scale=True))

@@ -338,9 +338,13 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
 
 
 def _identity(model_path: Path, settings: ConvertSettings) -> dict:
-    """What a work folder belongs to: the source files and every setting that changes the output."""
+    """What a work folder belongs to: the source files and every setting that changes what it holds. Distillation
+    (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
+    resumed with other distillation settings."""
     files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
-    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(settings)),
+    checkpointed = replace(settings, distill=DistillSettings(),
+                           rank_scaled=tuple(k for k in settings.rank_scaled if k != "distill_steps"))
+    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(checkpointed)),
             "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}
 
 
