@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/quality.py [MODEL] [--chunks 150] [--rows ROW ...]
 
-Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (150 unless told), 2 threads. `kld` is the mean
+Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (150 unless told; another count writes its own
+quality-<model>-<N>chunks table), 2 threads. `kld` is the mean
 KL divergence to the F32 model's token distributions (llama-perplexity --kl-divergence) and `top1` the share of
 positions where both pick the same top token. llama.cpp's importance-matrix types take an imatrix made by
 llama-imatrix on the calibration text (WikiText-2 validation), never on the test text.
@@ -41,6 +42,7 @@ TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB_TEXT = REPO / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = REPO / "bench" / "results"
+DEFAULT_CHUNKS = 150
 REF_CHUNKS = 8     # chunks scored twice, by llama-perplexity and by the Python reference forward
 REF_TOLERANCE = 0.01
 REF_PROTOCOL = "llama-tokenize ids, F32 KV cache"  # both sides score the same token ids with F32 keys and values
@@ -133,7 +135,9 @@ class Bench:
         self.name = model.name.split(".")[0] if model.is_file() else model.name
         self.dir = RESULTS / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.json_path = RESULTS / f"quality-{self.name}.json"
+        # another chunk count is another protocol: its rows go to their own table (e.g. the 40-chunk check of #3)
+        suffix = "" if chunks == DEFAULT_CHUNKS else f"-{chunks}chunks"
+        self.json_path = RESULTS / f"quality-{self.name}{suffix}.json"
         self.rows = json.loads(self.json_path.read_text()) if self.json_path.is_file() else []
         self.protocol = {"text": TEST_TEXT.name, "ctx": 512, "chunks": chunks}
 
@@ -331,7 +335,7 @@ def plot(rows: list[dict], out: Path, name: str, chunks: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="HF folder or GGUF (the teacher)")
-    p.add_argument("--chunks", type=int, default=150)
+    p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="standard", help="converter preset of the NanoQuant rows")
     p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {list(ROW_NAMES)}")
