@@ -61,14 +61,15 @@ PRESETS: dict[str, dict] = {
     # effort_bpw: the step counts are sized for this bpw; above it, the rank-bound stages get proportionally fewer
     # steps (see rank_scaled_settings), so a higher bpw costs about the same time
     "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
-                 distill_steps=0, tune_batch=1, tune_scope="block", effort_bpw=1.0, mid_scale=False),
+                 distill_steps=0, distill_lr=1e-2, tune_batch=1, tune_scope="block", effort_bpw=1.0,
+                 mid_scale=False),
     "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
-                     factor_steps=100, distill_steps=100, tune_batch=1, tune_scope="block", effort_bpw=1.0,
-                     mid_scale=False),
+                     factor_steps=100, distill_steps=70, distill_lr=1e-2, tune_batch=1, tune_scope="block",
+                     effort_bpw=1.0, mid_scale=False),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
     "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
-                  factor_steps=1024, distill_steps=1024, tune_batch=1, tune_scope="layer", effort_bpw=None,
-                  mid_scale=False),
+                  factor_steps=1024, distill_steps=1024, distill_lr=1e-3, tune_batch=1, tune_scope="layer",
+                  effort_bpw=None, mid_scale=False),
 }
 # the stages whose cost per step grows with the rank: ADMM (m n r per iteration), STE tuning and distillation
 # (r (d_in + d_out) per token through each factorised layer)
@@ -133,12 +134,11 @@ def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
     return out
 
 
-def load_source(model_path: Path, work_dir: Path) -> Source:
+def load_source(model_path: Path, work_dir: Path, arch: Architecture) -> Source:
     """Blocks stream from a HF folder's safetensors or from a GGUF (dequantised one block at a time; the GGUF's
     dequantisation is the teacher, its metadata and small tensors the base file)."""
     from transformers import AutoTokenizer
 
-    arch = architecture_for(_model_type(model_path))  # fail before any heavy work
     if model_path.is_dir():
         model, blocks = open_skeleton(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -354,11 +354,11 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
-    architecture_for(_model_type(model_path))  # an unsupported model fails before a work folder appears
+    arch = architecture_for(_model_type(model_path))  # an unsupported model fails before a work folder appears
     work_path = work_dir or out_path.with_name(out_path.name + ".work")
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
     with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
-        source = load_source(model_path, Path(tmp))
+        source = load_source(model_path, Path(tmp), arch)
         tensors, reports = quantize_model(source, settings, work)
         metadata = {
             formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-lr", type=float, default=TuneSettings.latent_lr, help="relative to mean |latent|")
     p.add_argument("--scale-lr", type=float, default=TuneSettings.scale_lr, help="on multiplicative scale offsets")
     p.add_argument("--distill-steps", type=int, default=None, help="scale-only KL distillation steps (model recon.)")
-    p.add_argument("--distill-lr", type=float, default=DistillSettings.lr, help="on multiplicative scale offsets")
+    p.add_argument("--distill-lr", type=float, default=None, help="on multiplicative scale offsets")
     p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
     p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
                    help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
     preset = dict(PRESETS[args.preset])
     for key in ("calib_windows", "calib_window_tokens", "admm_iterations", "dense_steps", "factor_steps",
-                "distill_steps", "tune_batch", "tune_scope"):
+                "distill_steps", "distill_lr", "tune_batch", "tune_scope"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.mid_scale is not None:
@@ -421,7 +421,7 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
         tune=TuneSettings(dense_steps=preset["dense_steps"], dense_lr=args.dense_lr, factor_steps=preset["factor_steps"],
                           latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=preset["tune_batch"],
                           scope=preset["tune_scope"], seed=args.seed),
-        distill=DistillSettings(steps=preset["distill_steps"], lr=args.distill_lr, seed=args.seed),
+        distill=DistillSettings(steps=preset["distill_steps"], lr=preset["distill_lr"], seed=args.seed),
         mid_scale=preset["mid_scale"],
         other_type=args.other_type,
         threads=args.threads,

@@ -114,7 +114,7 @@ class FrozenLowRankBinary(_ScaleOffsets):
 @dataclass(frozen=True)
 class DistillSettings:
     steps: int = 0
-    lr: float = 1e-3  # on the multiplicative scale offsets
+    lr: float = 1e-2  # on the multiplicative scale offsets
     seed: int = 0
 
 
