@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
                    help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
     p.add_argument("--mid-scale", choices=("on", "off"), default=None,
-                   help="a per-rank scale s_mid (16 bits a rank) in layers whose rank rounding leaves room for it")
+                   help="a per-rank scale s_mid (32 bits a rank) in layers whose rank rounding leaves room for it")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default OUTFILE.work)")
     p.add_argument("--resume", action="store_true", help="continue the conversion checkpointed in the work folder")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")

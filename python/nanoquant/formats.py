@@ -9,7 +9,7 @@ suffix         ggml shape (ne)    type         meaning
 ``nq_v``       [d_in, r]          NQ1          V, r x d_in signs (one row per rank)
 ``nq_u``       [r, d_out]         NQ1          U, d_out x r signs
 ``nq_s_pre``   [d_in]             F32          input-channel scale (optional)
-``nq_s_mid``   [r]                F32          rank scale (optional, DBF-style layers)
+``nq_s_mid``   [r]                F32          rank scale (optional: --mid-scale on)
 ``nq_s_post``  [d_out]            F32          output-channel scale (optional)
 =============  =================  ===========  ==========================================
 """
@@ -71,7 +71,7 @@ def rank_for_bpw(d_out: int, d_in: int, bpw: float, scale_bits: int = SCALE_BITS
 
 
 def layer_plan(d_out: int, d_in: int, bpw: float, mid_scale: bool) -> tuple[int, bool]:
-    """(rank, has s_mid) of a layer: s_mid only where its 16 r bits fit in what the rank's rounding down to a
+    """(rank, has s_mid) of a layer: s_mid only where its SCALE_BITS x r bits fit in what the rank's rounding down to a
     multiple of 32 leaves over, so a per-rank scale never costs rank."""
     rank = rank_for_bpw(d_out, d_in, bpw)
     return rank, mid_scale and rank_for_bpw(d_out, d_in, bpw, n_scales=3) == rank
