@@ -92,7 +92,8 @@ def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
         work = tmp_path_factory.mktemp(f"tiny-{kind}")
         hf_dir = make_tiny_model(kind, work / "hf", smol_tokenizer)
         nq = work / f"{kind}-nq.gguf"
-        proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", *TINY_METHOD_ARGS, *TINY_EXTRA_ARGS.get(kind, ()))
+        proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", *TINY_METHOD_ARGS,
+                             *TINY_EXTRA_ARGS.get(kind, ()))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[kind] = nq
     return out
