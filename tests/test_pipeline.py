@@ -118,7 +118,7 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
 
     from nanoquant import formats
     from nanoquant.architectures import architecture_for
-    from nanoquant.convert import build_parser, rank_scaled_settings, settings_from_args
+    from nanoquant.convert import PRESETS, build_parser, rank_scaled_settings, settings_from_args
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
     with torch.device("meta"):
@@ -133,11 +133,14 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
         return rank_scaled_settings(settings_from_args(build_parser().parse_args(["m.gguf", "--outfile", "o.gguf",
                                                                                     *args])), block, arch)
     s = settings("--bpw", "2.0", "--preset", "standard", "--factor-steps", "100")
-    assert s.admm.iterations == round(60 * ratio) and s.distill.steps == round(100 * ratio)
+    standard = PRESETS["standard"]
+    assert (s.admm.iterations == round(standard["admm_iterations"] * ratio)
+            and s.distill.steps == round(standard["distill_steps"] * ratio))
     assert s.tune.factor_steps == 100 and s.tune.dense_steps == 20  # set by the user; not rank-bound
     steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
-    assert steps(settings("--bpw", "1.0", "--preset", "standard")) == (60, 100, 100)
-    assert steps(settings("--bpw", "0.55", "--preset", "standard")) == (60, 100, 100)
+    as_sized = (standard["admm_iterations"], standard["factor_steps"], standard["distill_steps"])
+    assert steps(settings("--bpw", "1.0", "--preset", "standard")) == as_sized
+    assert steps(settings("--bpw", "0.55", "--preset", "standard")) == as_sized
     assert steps(settings("--bpw", "2.0", "--preset", "paper")) == (400, 1024, 1024)  # the paper's, as given
 
 
