@@ -48,3 +48,16 @@ def test_convert_seconds_come_from_the_converters_log(tmp_path):
     model.with_suffix(".log").write_text(
         "blocks: 1129 s\nwrote /x/NQ-1.0.gguf (45,152,320 bytes) in 1919 s, peak RSS 3219 MiB\n")
     assert converter_seconds(model) == 1919.0
+
+
+def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality
+
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    model = tmp_path / "Model.Q4_1.gguf"
+    model.write_bytes(b"")
+    default = quality.Bench(model, quality.DEFAULT_CHUNKS, 2, "standard")
+    other = quality.Bench(model, 40, 2, "standard")
+    assert default.json_path.name == "quality-Model.json" and other.json_path.name == "quality-Model-40chunks.json"
+    assert default.protocol != other.protocol

@@ -93,7 +93,7 @@ class WorkFolder:
         for name, t in payload["layers"].items():
             u, v = _unpack(t["u"]), _unpack(t["v"])
             layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v,
-                                          s_mid=t.get("s_mid")), t["bias"])
+                                          s_mid=t["s_mid"]), t["bias"])
         return layers, payload["reports"]
 
     def load_stream(self) -> dict:
