@@ -111,8 +111,8 @@ def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
 
 
 def test_rank_bound_steps_shrink_above_the_presets_bpw():
-    """Presets are sized for 1.0 bpw; at 2.0 SmolLM2's ranks cost 1.64x per token, so ADMM, STE and distillation
-    get 1/1.64 of their steps (those the user did not set), and the time stays about that of 1.0 bpw."""
+    """Presets are sized for 1.0 bpw; at 2.0 SmolLM2's ranks cost 1.64x per token, so ADMM and STE get 1/1.64 of
+    their steps (those the user did not set), and the time stays about that of 1.0 bpw."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -134,8 +134,8 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
                                                                                     *args])), block, arch)
     s = settings("--bpw", "2.0", "--preset", "standard", "--factor-steps", "100")
     standard = PRESETS["standard"]
-    assert (s.admm.iterations == round(standard["admm_iterations"] * ratio)
-            and s.distill.steps == round(standard["distill_steps"] * ratio))
+    assert s.admm.iterations == round(standard["admm_iterations"] * ratio)
+    assert s.distill.steps == standard["distill_steps"]  # a distillation step runs the whole model: not rank-bound
     assert s.tune.factor_steps == 100 and s.tune.dense_steps == 20  # set by the user; not rank-bound
     steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
     as_sized = (standard["admm_iterations"], standard["factor_steps"], standard["distill_steps"])

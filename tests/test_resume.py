@@ -58,8 +58,8 @@ def test_a_work_folder_belongs_to_everything_but_the_distillation(tmp_path):
 
     source = tmp_path / "model.gguf"
     source.write_bytes(b"x")
-    base = ConvertSettings(rank_scaled=("admm_iterations", "distill_steps"))
-    other_distillation = replace(base, distill=DistillSettings(steps=7, lr=3e-3), rank_scaled=("admm_iterations",))
+    base = ConvertSettings(rank_scaled=("admm_iterations",))
+    other_distillation = replace(base, distill=DistillSettings(steps=7, lr=3e-3))
     assert _identity(source, base) == _identity(source, other_distillation)
     assert _identity(source, base) != _identity(source, replace(base, admm=AdmmSettings(iterations=3)))
     assert _identity(source, base) != _identity(source, replace(base, mid_scale=True))
