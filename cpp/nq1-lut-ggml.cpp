@@ -3,6 +3,7 @@
 // Decode-sized NanoQuant layers (s_pre, V, [s_mid], U, s_post: the chain of ggml_patches/0002) also run fused: one
 // step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one more. Compiled into ggml-cpu by the project's CMakeLists.txt;
 // ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into ggml-cpu.c.
+#include "nq1-lut-ggml.h"
 #include "nq1-lut.h"
 
 #include "ggml-cpu-impl.h"
@@ -20,7 +21,9 @@ constexpr int64_t FUSE_MAX_COLS = 8;
 constexpr size_t ALIGN = 64;
 // Fused layers whose sign bytes (times columns) are at most this run on one thread: on the 2-core development machine
 // the barrier that splitting needs costs more than it saves up to SmolLM2's 576x576 layer at 1 bpw (36.9 KB; scratch
-// measurements with thresholds 0, 12, 40 KB and unlimited: 40 KB was fastest on every SmolLM2 shape).
+// measurements with thresholds 0, 12, 40 KB and unlimited: 40 KB was fastest on every SmolLM2 shape). Every thread
+// repeating the V product and sharing only U's rows, with no barrier either, was no faster (bench/kernels.py run back
+// to back, 2 threads: 192x576 3.2 us a layer against 3.1 us on one thread, 576x576 4.9 against 4.6).
 constexpr size_t SOLO_MAX_BYTES = 40 * 1024;
 
 size_t align_up(size_t n) {

@@ -1,5 +1,6 @@
 // nanoquant._core: NQ1 packing and the NanoQuant low-rank product, run by the patched ggml itself.
 #include "nq1.h"
+#include "nq1-lut-ggml.h"
 
 #include "ggml.h"
 #include "ggml-cpu.h"
@@ -150,7 +151,6 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
     return y;
 }
 
-extern "C" uint64_t ggml_nq1_lut_fused_layers(void);  // cpp/nq1-lut-ggml.cpp
 
 void register_mul_mat_bench(py::module_ & m);  // mul_mat_bench.cpp
 void register_engine(py::module_ & m);         // model.cpp
