@@ -258,12 +258,13 @@ class Bench:
         bpw_linear = bits / weights
         if row.kind == "sign":  # stored densely for evaluation: count what a 1-bit packing with row scales takes
             bpw_linear = row_sign_bpw(path)
-        size = path.stat().st_size
-        result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / describe(path).dense_parameters,
+        size, info = path.stat().st_size, describe(path)
+        result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / info.dense_parameters,
                   "size_bytes": size, **self.score(path), "convert_s": seconds,
                   "ref_rel_diff": self.reference_check(path) if row.kind == "nq" else None,
                   "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, "sha256": digest,
-                  "protocol": self.protocol, "note": row.note, "machine": machine()}
+                  "protocol": self.protocol, "note": row.note, "machine": machine(),
+                  "conversion_settings": info.conversion_settings}  # NQ files record how they were made
         self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
         self.save()
         return result

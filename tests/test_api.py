@@ -187,6 +187,9 @@ def test_info_describes_the_nq_layers(smol):
     ranks = {(l["d_out"], l["d_in"]): l["rank"] for l in info["nq_layers"]}
     assert ranks == {(576, 576): 256, (192, 576): 96, (1536, 576): 384, (576, 1536): 384}
     assert 0.95 <= info["bpw_linear"] <= 1.0
+    made = info["conversion_settings"]  # conftest's smol_nq: --preset fast --calib-windows 8 --admm-iterations 15
+    assert (made["bpw"], made["calib_windows"], made["admm"]["iterations"]) == (1.0, 8, 15)
+    assert made["calib_text"] == "valid.txt" and made["distill"]["steps"] == 0  # a name, not a local path
 
 
 def test_cli_generate_and_info(tiny_nq_models):
@@ -200,6 +203,8 @@ def test_cli_generate_and_info(tiny_nq_models):
     info = subprocess.run(cmd + ["info", str(path), "--json"], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert len(json.loads(info.stdout)["nq_layers"]) == 2 * 7
+    text = subprocess.run(cmd + ["info", str(path)], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and "converted:     1.0 bpw target" in text.stdout, text.stderr
     bad = subprocess.run(cmd + ["info", str(path) + ".missing"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such model file" in bad.stderr and "Traceback" not in bad.stderr
 

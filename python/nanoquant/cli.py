@@ -71,6 +71,12 @@ def _print_info(info: dict) -> None:
         shapes.setdefault((layer["d_out"], layer["d_in"], layer["rank"]), []).append(layer)
     for (d_out, d_in, rank), group in sorted(shapes.items()):
         print(f"  {len(group):4d} x {d_out}x{d_in} rank {rank}: {group[0]['bpw']:.4f} bpw (e.g. {group[0]['name']})")
+    s = info["conversion_settings"]
+    if s:
+        print(f"converted:     {s['bpw']} bpw target; calibration {s['calib_windows']} x {s['calib_window_tokens']} "
+              f"tokens of {s['calib_text']}; ADMM {s['admm']['iterations']} iterations; dense "
+              f"{s['tune']['dense_steps']} and STE {s['tune']['factor_steps']} steps per block; distillation "
+              f"{s['distill']['steps']} steps at lr {s['distill']['lr']:g}; seed {s['seed']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,7 +258,8 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
 
 
 def quantize_model(source: Source, settings: ConvertSettings,
-                   work: WorkFolder) -> tuple[list[NQLayerTensors], list[LayerReport]]:
+                   work: WorkFolder) -> tuple[list[NQLayerTensors], list[LayerReport], ConvertSettings]:
+    """The file's tensors, a report per layer, and the settings as run (step counts after rank scaling)."""
     model, config, arch = source.model, source.config, source.arch
     model.requires_grad_(False)
     settings = rank_scaled_settings(settings, model.model.layers[0], arch)
@@ -309,7 +310,7 @@ def quantize_model(source: Source, settings: ConvertSettings,
               f"in {time.time() - clock:.0f} s")
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
                               model.get_submodule(name).bias) for name in names]
-    return tensors, reports
+    return tensors, reports, settings
 
 
 def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
@@ -337,6 +338,14 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
     print(f"wrote {out} ({out.stat().st_size:,} bytes) in {seconds:.0f} s, peak RSS {peak_mib:.0f} MiB")
 
 
+def settings_record(settings: ConvertSettings) -> str:
+    """The settings a file was made with, as the JSON its metadata keeps: every method setting and step count, the
+    calibration text by name (a local path says nothing on another machine), not the thread count (speed only)."""
+    record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name), threads=0)))
+    del record["threads"]
+    return json.dumps(record, sort_keys=True)
+
+
 def _identity(model_path: Path, settings: ConvertSettings) -> dict:
     """What a work folder belongs to: the source files and every setting that changes what it holds. Distillation
     (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
@@ -358,10 +367,11 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
     with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
         source = load_source(model_path, Path(tmp), arch)
-        tensors, reports = quantize_model(source, settings, work)
+        tensors, reports, as_run = quantize_model(source, settings, work)
         metadata = {
             formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
+            formats.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
         }
         write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
     if not keep_work:

@@ -1,6 +1,7 @@
 """What a NanoQuant GGUF holds: its layers, ranks and the bits they take, counted from the file."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class FileInfo:
     size_bytes: int
     layers: list[NQLayerInfo]
     dense_parameters: int  # parameters of the equivalent dense model (each NQ layer counted as d_out x d_in)
+    conversion_settings: dict | None = None  # what the converter ran with (files from before it was recorded: None)
 
     @property
     def bpw_linear(self) -> float:
@@ -74,7 +76,9 @@ def describe(path: Path) -> FileInfo:
         elif suffix not in formats.SUFFIXES:
             dense += int(t.n_elements)
     arch = reader.fields["general.architecture"].contents()
-    return FileInfo(path, arch, path.stat().st_size, layers, dense)
+    settings = reader.fields.get(formats.KEY_SETTINGS)
+    return FileInfo(path, arch, path.stat().st_size, layers, dense,
+                    json.loads(settings.contents()) if settings is not None else None)
 
 
 # llama.cpp's names of the decoder linear layers, the ones NanoQuant replaces and bpw_linear counts

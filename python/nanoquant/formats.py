@@ -34,6 +34,7 @@ SUFFIXES = (SUFFIX_V, SUFFIX_U, SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
 
 KEY_VERSION = "nanoquant.version"
 KEY_TARGET_BPW = "nanoquant.target_bpw"
+KEY_SETTINGS = "nanoquant.settings"  # JSON: the conversion settings as run (step counts after rank scaling)
 FORMAT_VERSION = 1
 
 

@@ -217,7 +217,8 @@ class Model:
 
     # --- description ---------------------------------------------------------------------------------------------
     def info(self) -> dict:
-        """Architecture, sizes, and each NanoQuant layer's shape, rank and bits per weight (counted from the file)."""
+        """Architecture, sizes, each NanoQuant layer's shape, rank and bits per weight (counted from the file), and the
+        settings the converter ran with (None for files that do not record them)."""
         engine = self._live()
         meta = engine.metadata()
         file = describe(self.path)
@@ -225,7 +226,8 @@ class Model:
                   for l in file.layers]
         return {"path": str(self.path), "architecture": meta.get("general.architecture"),
                 "name": meta.get("general.name"), **engine.sizes(), "file_bytes": file.size_bytes,
-                "nq_layers": layers, "bpw_linear": file.bpw_linear if layers else None}
+                "nq_layers": layers, "bpw_linear": file.bpw_linear if layers else None,
+                "conversion_settings": file.conversion_settings}
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}{', closed' if self.closed else ''})"
