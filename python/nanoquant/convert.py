@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
 }
 # the stages whose cost per step grows with the rank: ADMM (m n r per iteration) and STE tuning (r (d_in + d_out) per
 # token through each factorised layer). Distillation is not among them: a step runs the whole model, whose attention,
-# head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 5.9 s at
+# head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 6.3 s at
 # 2.0, while the factorised layers cost 1.64x)
 RANK_BOUND_STEPS = ("admm_iterations", "factor_steps")
 
@@ -341,7 +341,7 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
 def settings_record(settings: ConvertSettings) -> str:
     """The settings a file was made with, as the JSON its metadata keeps: every method setting and step count, the
     calibration text by name (a local path says nothing on another machine), not the thread count (speed only)."""
-    record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name), threads=0)))
+    record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name))))
     del record["threads"]
     return json.dumps(record, sort_keys=True)
 
