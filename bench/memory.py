@@ -4,11 +4,12 @@
 
 A random model with Llama-2-7B's block shapes (hidden 4096, MLP 11008, 32 heads; the vocabulary is the SmolLM2
 tokenizer's 49152, larger than Llama-2's 32000) but only a few decoder blocks is written as a bf16 safetensors
-folder and converted with the whole method at token effort (a few windows and steps: memory, not quality, is
-measured). The converter streams blocks from safetensors, so its peak RSS grows only by what each finished block
-leaves behind (its int8 signs); the slope between two block counts gives the 32-block figure. Calibration streams
-(3 x windows x tokens x hidden x 4 bytes) scale with the calibration effort, not with depth, and are added for
-the `standard` preset's calibration tokens.
+folder and converted with the whole method at token effort (two windows and a step or two per stage: memory, not
+quality, is measured), with the standard preset's window length, so that distillation's backward through every
+block holds a full window's activations. The converter prints the peak RSS of each stage on its own (loading,
+statistics, blocks, distillation, writing); each stage is extrapolated linearly from the two block counts to 32
+blocks, and the largest is the projection. Calibration streams (3 x windows x tokens x hidden x 4 bytes) scale
+with the number of windows, not with depth, and are added for the `standard` preset's calibration tokens.
 Writes bench/results/memory.json.
 """
 from __future__ import annotations
@@ -23,10 +24,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
 RESULTS = REPO / "bench" / "results"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 FULL_DEPTH = 32
+STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines
 
 
 def make_model(folder: Path, n_blocks: int) -> None:
@@ -45,15 +48,21 @@ def make_model(folder: Path, n_blocks: int) -> None:
 
 
 def convert(folder: Path, out: Path, bpw: float) -> dict:
+    from nanoquant.convert import PRESETS
+
+    window = PRESETS["standard"]["calib_window_tokens"]
     cmd = [sys.executable, str(REPO / "convert" / "convert-hf-to-nq-gguf.py"), str(folder), "--outfile", str(out),
-           "--bpw", str(bpw), "--calib-windows", "2", "--calib-window-tokens", "128", "--admm-iterations", "2",
-           "--dense-steps", "1", "--factor-steps", "1", "--distill-steps", "1", "--tune-batch", "1"]
+           "--bpw", str(bpw), "--calib-windows", "2", "--calib-window-tokens", str(window), "--admm-iterations", "2",
+           "--dense-steps", "1", "--factor-steps", "1", "--distill-steps", "2", "--tune-batch", "1"]
     start = time.time()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"conversion failed:\n{proc.stderr[-3000:]}")
-    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"peak_rss_mib": peak_kib / 1024, "seconds": time.time() - start}
+    stages = {m.group(1): float(m.group(2)) for m in STAGE_PEAK.finditer(proc.stdout)}
+    missing = {"loading", "statistics", "blocks", "scale distillation", "writing"} - set(stages)
+    if missing:
+        raise RuntimeError(f"the converter printed no peak RSS for {sorted(missing)}:\n{proc.stdout[-3000:]}")
+    return {"stage_peak_rss_mib": stages, "seconds": time.time() - start}
 
 
 def main(argv=None) -> int:
@@ -68,22 +77,28 @@ def main(argv=None) -> int:
             make_model(folder, n)
             result = convert(folder, Path(tmp) / "out.gguf", args.bpw)
         runs.append({"blocks": n, **result})
-        print(f"{n} blocks: peak RSS {result['peak_rss_mib']:.0f} MiB in {result['seconds']:.0f} s", flush=True)
+        peaks = ", ".join(f"{stage} {mib:.0f}" for stage, mib in result["stage_peak_rss_mib"].items())
+        print(f"{n} blocks in {result['seconds']:.0f} s, peak RSS by stage (MiB): {peaks}", flush=True)
     (a, b) = runs
-    per_block = (b["peak_rss_mib"] - a["peak_rss_mib"]) / (b["blocks"] - a["blocks"])
-    sys.path.insert(0, str(REPO / "python"))
+    per_block, projected_stages = {}, {}
+    for stage, peak_a in a["stage_peak_rss_mib"].items():
+        per_block[stage] = (b["stage_peak_rss_mib"][stage] - peak_a) / (b["blocks"] - a["blocks"])
+        projected_stages[stage] = peak_a + per_block[stage] * (FULL_DEPTH - a["blocks"])
     from nanoquant.convert import PRESETS
     standard = PRESETS["standard"]
     calib_tokens = standard["calib_windows"] * standard["calib_window_tokens"]
     streams_mib = 3 * calib_tokens * SHAPE["hidden_size"] * 4 / 2**20
-    projected = a["peak_rss_mib"] + per_block * (FULL_DEPTH - a["blocks"]) + streams_mib
+    peak_stage = max(projected_stages, key=projected_stages.get)
+    projected = projected_stages[peak_stage] + streams_mib
     report = {"shape": SHAPE, "bpw": args.bpw, "runs": runs, "per_block_mib": per_block,
-              "standard_calibration_tokens": calib_tokens, "standard_streams_mib": streams_mib,
-              "projected_32_blocks_mib": projected}
+              "projected_stage_mib": projected_stages, "standard_calibration_tokens": calib_tokens,
+              "standard_streams_mib": streams_mib, "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"per block {per_block:.0f} MiB; projected for 32 blocks with {calib_tokens} calibration tokens: "
-          f"{projected / 1024:.1f} GiB (limit 24 GiB)")
+    for stage, mib in projected_stages.items():
+        print(f"{stage}: {per_block[stage]:.0f} MiB per block, {mib / 1024:.1f} GiB at 32 blocks")
+    print(f"projected for 32 blocks with {calib_tokens} calibration tokens: {projected / 1024:.1f} GiB, in the "
+          f"{peak_stage} stage (limit 24 GiB)")
     return 0
 
 

@@ -1,11 +1,14 @@
 """Block streaming: a HF folder's blocks are read on demand, and the block-by-block statistics equal a whole-model
 forward/backward pass."""
+import os
+
 import pytest
 import torch
 
 from conftest import make_tiny_model
 from nanoquant.architectures import architecture_for
 from nanoquant.calibration import StatsCollector
+from nanoquant.convert import StagePeaks
 from nanoquant.streaming import ResidentBlocks, open_skeleton
 
 
@@ -121,3 +124,16 @@ def test_skeleton_reads_no_block_tensor_and_keeps_no_file_mapped(tmp_path, smol_
     assert read and not any(k.startswith("model.layers.") for k in read), read
     blocks.load(skeleton, 0)
     assert any(k.startswith("model.layers.0.") for k in read) and not open_handles
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_each_stage_reports_its_own_peak_rss():
+    """bench/memory.py extrapolates every stage on its own, so a stage's peak must not carry an earlier stage's."""
+    peaks = StagePeaks()
+    block = bytearray(400 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+    del block  # gone before the stage ends: only the stage's peak remembers it
+    first = float(peaks.end_stage().split()[2])
+    second = float(peaks.end_stage().split()[2])
+    assert first - second > 300, (first, second)
+    assert peaks.overall_mib == pytest.approx(first, abs=1)

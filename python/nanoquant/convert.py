@@ -10,6 +10,7 @@ import copy
 import json
 import shutil
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -80,6 +81,38 @@ RANK_BOUND_STEPS = ("admm_iterations", "factor_steps")
 
 class ConversionError(RuntimeError):
     pass
+
+
+class StagePeaks:
+    """Peak resident memory per conversion stage. Linux keeps a process's peak (VmHWM) and restarts it from the
+    present size when 5 is written to /proc/self/clear_refs, so each stage gets its own peak, and a memory benchmark
+    can extrapolate each stage to a deeper model on its own. Where that is missing, every stage reports the running
+    peak of the process."""
+
+    def __init__(self):
+        self.overall_mib = 0.0
+        self._restart()
+
+    @staticmethod
+    def _restart() -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    @staticmethod
+    def _peak_mib() -> float:
+        try:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+        except (OSError, AttributeError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def end_stage(self) -> str:
+        """This stage's peak for its log line; the next stage counts from the present size."""
+        peak = self._peak_mib()
+        self.overall_mib = max(self.overall_mib, peak)
+        self._restart()
+        return f"peak RSS {peak:.0f} MiB"
 
 
 @dataclass
@@ -257,8 +290,8 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
     return finished, reports
 
 
-def quantize_model(source: Source, settings: ConvertSettings,
-                   work: WorkFolder) -> tuple[list[NQLayerTensors], list[LayerReport], ConvertSettings]:
+def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
+                   peaks: StagePeaks) -> tuple[list[NQLayerTensors], list[LayerReport], ConvertSettings]:
     """The file's tensors, a report per layer, and the settings as run (step counts after rank scaling)."""
     model, config, arch = source.model, source.config, source.arch
     model.requires_grad_(False)
@@ -274,7 +307,7 @@ def quantize_model(source: Source, settings: ConvertSettings,
         stats = StatsCollector(names).collect(model, source.blocks, windows, scratch)
         scratch.rmdir()
         work.save_stats(stats)
-        print(f"statistics: {time.time() - clock:.0f} s")
+        print(f"statistics: {time.time() - clock:.0f} s, {peaks.end_stage()}")
     # the streams are needed by block tuning, and by distillation (the teacher's logits come from the FP stream)
     data = capture_block_inputs(model, windows) if settings.tune.enabled or settings.distill.steps > 0 else None
     first = work.finished_blocks()
@@ -302,12 +335,12 @@ def quantize_model(source: Source, settings: ConvertSettings,
         # through the next block; the model keeps int8 signs
         del layers
     progress.close()
-    print(f"blocks: {time.time() - clock:.0f} s")
+    print(f"blocks: {time.time() - clock:.0f} s, {peaks.end_stage()}")
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
         clock = time.time()
         losses = distill_scales(model, data.fp, windows, settings.distill)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
-              f"in {time.time() - clock:.0f} s")
+              f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
                               model.get_submodule(name).bias) for name in names]
     return tensors, reports, settings
@@ -326,7 +359,7 @@ def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
                           s_mid=None if layer.s_mid is None else layer.s_mid.numpy())
 
 
-def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None:
+def print_summary(reports: list[LayerReport], out: Path, seconds: float, peak_mib: float) -> None:
     print(f"\n{'layer':<34} {'shape':>11} {'rank':>5} {'bpw':>6} {'rel.err':>8} {'D-w.err':>8}")
     for r in reports:
         print(f"{r.name:<34} {f'{r.d_out}x{r.d_in}':>11} {r.rank:>5} {r.bpw:>6.3f} {r.rel_error:>8.4f} "
@@ -334,7 +367,6 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float) -> None
     bpw = sum(r.bpw * r.d_out * r.d_in for r in reports) / sum(r.d_out * r.d_in for r in reports)  # all bits / weights
     mean_err = float(np.mean([r.rel_error for r in reports]))
     print(f"\nquantized layers: {len(reports)}, realized bpw {bpw:.4f}, mean relative error {mean_err:.4f}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {out} ({out.stat().st_size:,} bytes) in {seconds:.0f} s, peak RSS {peak_mib:.0f} MiB")
 
 
@@ -359,6 +391,7 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
 def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_dir: Path | None = None,
             resume: bool = False, keep_work: bool = False) -> list[LayerReport]:
     start = time.time()
+    peaks = StagePeaks()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
@@ -367,16 +400,18 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
     with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
         source = load_source(model_path, Path(tmp), arch)
-        tensors, reports, as_run = quantize_model(source, settings, work)
+        print(f"loading: {peaks.end_stage()}")
+        tensors, reports, as_run = quantize_model(source, settings, work, peaks)
         metadata = {
             formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
             formats.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
         }
         write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
+        print(f"writing: {peaks.end_stage()}")
     if not keep_work:
         shutil.rmtree(work_path)
-    print_summary(reports, out_path, time.time() - start)
+    print_summary(reports, out_path, time.time() - start, peaks.overall_mib)
     return reports
 
 
