@@ -29,7 +29,10 @@ RESULTS = REPO / "bench" / "results"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 FULL_DEPTH = 32
+
+from nanoquant.convert import PRESETS  # noqa: E402
 STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines
+STAGES = {"loading", "statistics", "blocks", "scale distillation", "writing"}
 
 
 def make_model(folder: Path, n_blocks: int) -> None:
@@ -48,8 +51,6 @@ def make_model(folder: Path, n_blocks: int) -> None:
 
 
 def convert(folder: Path, out: Path, bpw: float) -> dict:
-    from nanoquant.convert import PRESETS
-
     window = PRESETS["standard"]["calib_window_tokens"]
     cmd = [sys.executable, str(REPO / "convert" / "convert-hf-to-nq-gguf.py"), str(folder), "--outfile", str(out),
            "--bpw", str(bpw), "--calib-windows", "2", "--calib-window-tokens", str(window), "--admm-iterations", "2",
@@ -59,7 +60,7 @@ def convert(folder: Path, out: Path, bpw: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"conversion failed:\n{proc.stderr[-3000:]}")
     stages = {m.group(1): float(m.group(2)) for m in STAGE_PEAK.finditer(proc.stdout)}
-    missing = {"loading", "statistics", "blocks", "scale distillation", "writing"} - set(stages)
+    missing = STAGES - set(stages)
     if missing:
         raise RuntimeError(f"the converter printed no peak RSS for {sorted(missing)}:\n{proc.stdout[-3000:]}")
     return {"stage_peak_rss_mib": stages, "seconds": time.time() - start}
@@ -84,7 +85,6 @@ def main(argv=None) -> int:
     for stage, peak_a in a["stage_peak_rss_mib"].items():
         per_block[stage] = (b["stage_peak_rss_mib"][stage] - peak_a) / (b["blocks"] - a["blocks"])
         projected_stages[stage] = peak_a + per_block[stage] * (FULL_DEPTH - a["blocks"])
-    from nanoquant.convert import PRESETS
     standard = PRESETS["standard"]
     calib_tokens = standard["calib_windows"] * standard["calib_window_tokens"]
     streams_mib = 3 * calib_tokens * SHAPE["hidden_size"] * 4 / 2**20
