@@ -1,12 +1,13 @@
 """Peak memory of the converter on a synthetic Llama-2-7B-shaped model, extrapolated to all 32 blocks.
 
-    .venv/bin/python bench/memory.py [--blocks 2 3] [--bpw 1.0]
+    .venv/bin/python bench/memory.py [--blocks 2 4] [--bpw 1.0]
 
 A random model with Llama-2-7B's block shapes (hidden 4096, MLP 11008, 32 heads; the vocabulary is the SmolLM2
 tokenizer's 49152, larger than Llama-2's 32000) but only a few decoder blocks is written as a bf16 safetensors
 folder and converted with the whole method at token effort (two windows and a step or two per stage: memory, not
-quality, is measured), with the standard preset's window length, so that distillation's backward through every
-block holds a full window's activations. The converter prints the peak RSS of each stage on its own (loading,
+quality, is measured), with the standard preset's window length. Distillation recomputes block activations in
+its backward, as `--distill-recompute auto` does for a 32-block 7B model (the converter's measured activations,
+scaled to 32 blocks, are checked against the converter's threshold and reported). The converter prints the peak RSS of each stage on its own (loading,
 statistics, blocks, distillation, writing); each stage is extrapolated linearly from the two block counts to 32
 blocks, and the largest is the projection. Calibration streams (3 x windows x tokens x hidden x 4 bytes) scale
 with the number of windows, not with depth, and are added for the `standard` preset's calibration tokens.
@@ -31,8 +32,10 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, 
 FULL_DEPTH = 32
 
 from nanoquant.convert import PRESETS  # noqa: E402
+from nanoquant.reconstruct import RECOMPUTE_ABOVE_BYTES  # noqa: E402
 STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines
 STAGES = {"loading", "statistics", "blocks", "scale distillation", "writing"}
+ACTIVATIONS = re.compile(r"activations through all blocks take ([0-9.]+) GiB")
 
 
 def make_model(folder: Path, n_blocks: int) -> None:
@@ -54,7 +57,8 @@ def convert(folder: Path, out: Path, bpw: float) -> dict:
     window = PRESETS["standard"]["calib_window_tokens"]
     cmd = [sys.executable, str(REPO / "convert" / "convert-hf-to-nq-gguf.py"), str(folder), "--outfile", str(out),
            "--bpw", str(bpw), "--calib-windows", "2", "--calib-window-tokens", str(window), "--admm-iterations", "2",
-           "--dense-steps", "1", "--factor-steps", "1", "--distill-steps", "2", "--tune-batch", "1"]
+           "--dense-steps", "1", "--factor-steps", "1", "--distill-steps", "2", "--tune-batch", "1",
+           "--distill-recompute", "on"]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -63,12 +67,16 @@ def convert(folder: Path, out: Path, bpw: float) -> dict:
     missing = STAGES - set(stages)
     if missing:
         raise RuntimeError(f"the converter printed no peak RSS for {sorted(missing)}:\n{proc.stdout[-3000:]}")
-    return {"stage_peak_rss_mib": stages, "seconds": time.time() - start}
+    activations = ACTIVATIONS.search(proc.stdout)
+    if activations is None:
+        raise RuntimeError(f"the converter did not report distillation's activations:\n{proc.stdout[-3000:]}")
+    return {"stage_peak_rss_mib": stages, "activations_gib": float(activations.group(1)),
+            "seconds": time.time() - start}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, nargs=2, default=[2, 3])
+    p.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
     p.add_argument("--bpw", type=float, default=1.0)
     args = p.parse_args(argv)
     runs = []
@@ -81,6 +89,10 @@ def main(argv=None) -> int:
         peaks = ", ".join(f"{stage} {mib:.0f}" for stage, mib in result["stage_peak_rss_mib"].items())
         print(f"{n} blocks in {result['seconds']:.0f} s, peak RSS by stage (MiB): {peaks}", flush=True)
     (a, b) = runs
+    activations_full_gib = b["activations_gib"] / b["blocks"] * FULL_DEPTH
+    if activations_full_gib * 2**30 <= RECOMPUTE_ABOVE_BYTES:
+        raise RuntimeError(f"at {FULL_DEPTH} blocks --distill-recompute auto would not recompute "
+                           f"({activations_full_gib:.1f} GiB of activations): this run does not show what it does")
     per_block, projected_stages = {}, {}
     for stage, peak_a in a["stage_peak_rss_mib"].items():
         per_block[stage] = (b["stage_peak_rss_mib"][stage] - peak_a) / (b["blocks"] - a["blocks"])
@@ -92,9 +104,11 @@ def main(argv=None) -> int:
     projected = projected_stages[peak_stage] + streams_mib
     report = {"shape": SHAPE, "bpw": args.bpw, "runs": runs, "per_block_mib": per_block,
               "projected_stage_mib": projected_stages, "standard_calibration_tokens": calib_tokens,
-              "standard_streams_mib": streams_mib, "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
+              "standard_streams_mib": streams_mib, "distill_activations_32_blocks_gib": activations_full_gib, "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"distillation's activations at {FULL_DEPTH} blocks: {activations_full_gib:.1f} GiB a window, so "
+          f"--distill-recompute auto recomputes them")
     for stage, mib in projected_stages.items():
         print(f"{stage}: {per_block[stage]:.0f} MiB per block, {mib / 1024:.1f} GiB at 32 blocks")
     print(f"projected for 32 blocks with {calib_tokens} calibration tokens: {projected / 1024:.1f} GiB, in the "

@@ -5,6 +5,7 @@ import torch
 
 from nanoquant.admm import AdmmSettings, factorize, relative_error
 from nanoquant.reconstruct import (FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
+                                   recomputed_in_backward, saved_activation_bytes, trainable_scale_offsets,
                                    logits_from_hidden, run_block_batched, tune_block)
 
 
@@ -18,10 +19,10 @@ def test_admm_export_scale_is_right_even_with_few_iterations():
     assert set(layer.u.unique().tolist()) <= {-1.0, 1.0} and layer.v.shape == (64, 576)
 
 
-def _tiny_llama():
+def _tiny_llama(n_layers: int = 1):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, vocab_size=256, max_position_embeddings=128)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
@@ -83,6 +84,45 @@ def test_scale_distillation_lowers_the_kl():
     teacher_hidden, _ = _last_block_outputs(teacher, windows)
     losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=40, lr=1e-2))
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+
+def _student_with_factorised_attention(teacher):
+    student = copy.deepcopy(teacher)
+    for block in student.model.layers:
+        for name in ("q_proj", "o_proj"):
+            dense = getattr(block.self_attn, name)
+            layer = factorize(dense.weight, 32, torch.ones(64), torch.ones(64), AdmmSettings(iterations=10))
+            setattr(block.self_attn, name, FrozenLowRankBinary(layer, None))
+    return student
+
+
+def test_distillation_with_recomputed_activations_is_exact_and_keeps_less():
+    teacher = _tiny_llama(n_layers=3)
+    windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
+    teacher_hidden, _ = _last_block_outputs(teacher, windows)
+    runs = {}
+    for recompute in (False, True):
+        student = _student_with_factorised_attention(teacher)
+        losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=5, lr=1e-2), recompute)
+        runs[recompute] = losses, [p.detach().clone() for p in student.parameters() if p.dtype.is_floating_point]
+        assert all("forward" not in vars(block) for block in student.model.layers)  # the class's forward again
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+
+    def saved_bytes(recompute: bool) -> int:
+        total = []
+        offsets = trainable_scale_offsets(student)
+        with recomputed_in_backward(student.model.layers if recompute else []):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                          lambda t: t):
+                student(input_ids=windows[:1], use_cache=False)
+        for p in offsets:
+            p.requires_grad_(False)
+        return sum(total)
+
+    # recomputation keeps a block's input where the plain backward keeps all its activations
+    per_block = saved_activation_bytes(student.model.layers[0], teacher_hidden[:1], _block_data(student, windows[:1]).kwargs)
+    assert saved_bytes(False) - saved_bytes(True) > 0.8 * len(student.model.layers) * per_block > 0
 
 
 def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():

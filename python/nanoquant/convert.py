@@ -6,6 +6,7 @@ Hessian-aware ADMM initialisation of each linear layer. Statistics come from cal
 from __future__ import annotations
 
 import argparse
+import ctypes
 import copy
 import json
 import shutil
@@ -29,8 +30,9 @@ from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
                             gguf_row_permutation)
 from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
-from .reconstruct import (DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary, TuneSettings,
-                          BlockData, capture_block_inputs, distill_scales, run_block_batched, tune_block)
+from .reconstruct import (RECOMPUTE_ABOVE_BYTES, DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary,
+                          TuneSettings, BlockData, capture_block_inputs, distill_scales, run_block_batched,
+                          saved_activation_bytes, tune_block)
 from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
@@ -83,6 +85,21 @@ class ConversionError(RuntimeError):
     pass
 
 
+def _glibc(function: str, *args: int) -> None:
+    """Calls a glibc allocator tuning function; elsewhere there is nothing to tune."""
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
+# glibc serves buffers below a threshold that adapts up to 32 MiB from its heap and keeps them after a free. At 7B
+# shapes the activations (8-22 MiB) then fragment the heap by ~180 MiB a block in distillation (bench/memory.py
+# shapes, measured); fixed at 4 MiB they are mapped and returned on free, for ~10% slower 7B-shaped steps. SmolLM2's
+# buffers are under it, so its conversions are unchanged.
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 4 << 20
+
+
 class StagePeaks:
     """Peak resident memory per conversion stage. Linux keeps a process's peak (VmHWM) and restarts it from the
     present size when 5 is written to /proc/self/clear_refs, so each stage gets its own peak, and a memory benchmark
@@ -108,9 +125,10 @@ class StagePeaks:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def end_stage(self) -> str:
-        """This stage's peak for its log line; the next stage counts from the present size."""
+        """This stage's peak for its log line; the next stage counts from the present, trimmed size."""
         peak = self._peak_mib()
         self.overall_mib = max(self.overall_mib, peak)
+        _glibc("malloc_trim", 0)  # a stage should not inherit the freed heap of the one before
         self._restart()
         return f"peak RSS {peak:.0f} MiB"
 
@@ -338,12 +356,23 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     print(f"blocks: {time.time() - clock:.0f} s, {peaks.end_stage()}")
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
         clock = time.time()
-        losses = distill_scales(model, data.fp, windows, settings.distill)
+        recompute = _distill_recompute(settings.distill.recompute, model.model.layers, data)
+        losses = distill_scales(model, data.fp, windows, settings.distill, recompute)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
               f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
                               model.get_submodule(name).bias) for name in names]
     return tensors, reports, settings
+
+
+def _distill_recompute(setting: str, blocks, data: BlockData) -> bool:
+    """Whether distillation recomputes block activations in its backward: always, never, or ("auto") when a
+    window's activations through all blocks, measured on the first block, pass RECOMPUTE_ABOVE_BYTES."""
+    saved = len(blocks) * saved_activation_bytes(blocks[0], data.fp[:1], data.layer_kwargs[0])
+    recompute = setting == "on" or (setting == "auto" and saved > RECOMPUTE_ABOVE_BYTES)
+    print(f"scale distillation: a window's activations through all blocks take {saved / 2**30:.2f} GiB; "
+          f"{'recomputed in the backward' if recompute else 'kept for the backward'} (--distill-recompute {setting})")
+    return recompute
 
 
 def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
@@ -372,9 +401,10 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float, peak_mi
 
 def settings_record(settings: ConvertSettings) -> str:
     """The settings a file was made with, as the JSON its metadata keeps: every method setting and step count, the
-    calibration text by name (a local path says nothing on another machine), not the thread count (speed only)."""
+    calibration text by name (a local path says nothing on another machine), not the thread count nor activation
+    recomputation (speed and memory only)."""
     record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name))))
-    del record["threads"]
+    del record["threads"], record["distill"]["recompute"]  # memory and speed only: the results are the same
     return json.dumps(record, sort_keys=True)
 
 
@@ -391,6 +421,7 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
 def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_dir: Path | None = None,
             resume: bool = False, keep_work: bool = False) -> list[LayerReport]:
     start = time.time()
+    _glibc("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     peaks = StagePeaks()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -433,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-lr", type=float, default=TuneSettings.scale_lr, help="on multiplicative scale offsets")
     p.add_argument("--distill-steps", type=int, default=None, help="scale-only KL distillation steps (model recon.)")
     p.add_argument("--distill-lr", type=float, default=None, help="on multiplicative scale offsets")
+    p.add_argument("--distill-recompute", choices=("auto", "on", "off"), default="auto",
+                   help="recompute block activations in distillation's backward: less memory, ~30%% more time; auto: "
+                        "when a window's activations through all blocks pass 2 GiB")
     p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
     p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
                    help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
@@ -465,7 +499,8 @@ def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
         tune=TuneSettings(dense_steps=preset["dense_steps"], dense_lr=args.dense_lr, factor_steps=preset["factor_steps"],
                           latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=preset["tune_batch"],
                           scope=preset["tune_scope"], seed=args.seed),
-        distill=DistillSettings(steps=preset["distill_steps"], lr=preset["distill_lr"], seed=args.seed),
+        distill=DistillSettings(steps=preset["distill_steps"], lr=preset["distill_lr"], seed=args.seed,
+                                recompute=args.distill_recompute),
         mid_scale=preset["mid_scale"],
         other_type=args.other_type,
         threads=args.threads,

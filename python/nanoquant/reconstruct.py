@@ -7,7 +7,9 @@ the FP stream; inputs are the quantised stream, so a block also learns to undo u
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +118,48 @@ class DistillSettings:
     steps: int = 0
     lr: float = 1e-2  # on the multiplicative scale offsets
     seed: int = 0
+    recompute: str = "auto"  # on / off / auto: recompute each block's activations in the backward (see below)
+
+
+# "auto" recomputes when a window's saved activations through all blocks would pass this: measured on a Llama-2-7B
+# shape at 512 tokens, 270 MiB a block (8.5 GiB for 32) without recomputation, for ~30% more time a step
+RECOMPUTE_ABOVE_BYTES = 2 * 2**30
+
+
+def saved_activation_bytes(block, x: torch.Tensor, kwargs: dict) -> int:
+    """Bytes a backward through this block would keep from its forward on x, measured by running it once with
+    its scale offsets trainable (int8 signs and the offsets themselves are held anyway and not counted)."""
+    held = {id(t) for t in (*block.parameters(), *block.buffers())}
+    total = 0
+    offsets = trainable_scale_offsets(block)
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.is_floating_point() and id(t) not in held:
+            total += t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            run_block(block, x, kwargs)
+    finally:
+        for p in offsets:
+            p.requires_grad_(False)
+    return total
+
+
+@contextmanager
+def recomputed_in_backward(blocks):
+    """Each block keeps only its input for the backward and runs its forward again there (activation
+    checkpointing): distillation then holds one block's activations instead of all of them, which for a 7B model
+    is the difference between fitting in 24 GiB or not. In eval mode the recomputation is exact."""
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -126,35 +170,42 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
-                   settings: DistillSettings) -> list[float]:
+def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, settings: DistillSettings,
+                   recompute: bool = False) -> list[float]:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
     T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
-    block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held."""
+    block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held.
+    recompute: see recomputed_in_backward."""
     if settings.steps <= 0:
         return []
-    offsets = [p for m in student.modules() if isinstance(m, FrozenLowRankBinary) for p in m.scale_offsets()]
-    for p in offsets:
-        p.requires_grad_(True)
+    offsets = trainable_scale_offsets(student)
     opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(settings.seed)
     losses = []
     try:
-        for step in range(settings.steps):
-            opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
-            i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
-            with torch.no_grad():
-                p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), dim=-1)
-            log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), dim=-1)
-            loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        with recomputed_in_backward(student.model.layers if recompute else []):
+            for step in range(settings.steps):
+                opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
+                i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
+                with torch.no_grad():
+                    p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), -1)
+                log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), -1)
+                loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
     finally:
         for p in offsets:
             p.requires_grad_(False)
     return losses
+
+
+def trainable_scale_offsets(model) -> list[torch.Tensor]:
+    offsets = [p for m in model.modules() if isinstance(m, FrozenLowRankBinary) for p in m.scale_offsets()]
+    for p in offsets:
+        p.requires_grad_(True)
+    return offsets
 
 
 @dataclass
