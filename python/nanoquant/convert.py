@@ -95,8 +95,8 @@ def _glibc(function: str, *args: int) -> None:
 
 # glibc serves buffers below a threshold that adapts up to 32 MiB from its heap and keeps them after a free. At 7B
 # shapes the activations (8-22 MiB) then fragment the heap by ~180 MiB a block in distillation (bench/memory.py
-# shapes, measured); fixed at 4 MiB they are mapped and returned on free, for ~10% slower 7B-shaped steps. SmolLM2's
-# buffers are under it, so its conversions are unchanged.
+# shapes, measured); fixed at 4 MiB they are mapped and returned on free, for 10-25% slower 7B-shaped steps. SmolLM2's
+# buffers are under it. The setting is the process's from the first conversion on.
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 4 << 20
 
 
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-lr", type=float, default=None, help="on multiplicative scale offsets")
     p.add_argument("--distill-recompute", choices=("auto", "on", "off"), default="auto",
                    help="recompute block activations in distillation's backward: less memory, ~30%% more time; auto: "
-                        "when a window's activations through all blocks pass 2 GiB")
+                        f"when a window's activations through all blocks pass {RECOMPUTE_ABOVE_BYTES / 2**30:g} GiB")
     p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
     p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
                    help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")

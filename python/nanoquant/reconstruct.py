@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from .admm import LowRankBinary, lowrank_binary_product, sign
 
@@ -122,7 +123,7 @@ class DistillSettings:
 
 
 # "auto" recomputes when a window's saved activations through all blocks would pass this: measured on a Llama-2-7B
-# shape at 512 tokens, 270 MiB a block (8.5 GiB for 32) without recomputation, for ~30% more time a step
+# shape at 512 tokens, 266 MiB a block (8.3 GiB for 32) without recomputation, for ~30% more time a step
 RECOMPUTE_ABOVE_BYTES = 2 * 2**30
 
 
