@@ -7,8 +7,8 @@ tokenizer's 49152, larger than Llama-2's 32000) but only a few decoder blocks is
 folder and converted with the whole method at token effort (two windows and a step or two per stage: memory, not
 quality, is measured), with the standard preset's window length. Distillation recomputes block activations in
 its backward, as `--distill-recompute auto` does for a 32-block 7B model (the converter's measured activations,
-scaled to 32 blocks, are checked against the converter's threshold and reported). The converter prints the peak RSS of each stage on its own (loading,
-statistics, blocks, distillation, writing); each stage is extrapolated linearly from the two block counts to 32
+scaled to 32 blocks, are checked against the converter's threshold and reported). The converter prints the peak
+RSS of each stage on its own (loading, statistics, blocks, distillation, writing); each stage is extrapolated linearly from the two block counts to 32
 blocks, and the largest is the projection. Calibration streams (3 x windows x tokens x hidden x 4 bytes) scale
 with the number of windows, not with depth, and are added for the `standard` preset's calibration tokens.
 Writes bench/results/memory.json.
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     projected = projected_stages[peak_stage] + streams_mib
     report = {"shape": SHAPE, "bpw": args.bpw, "runs": runs, "per_block_mib": per_block,
               "projected_stage_mib": projected_stages, "standard_calibration_tokens": calib_tokens,
-              "standard_streams_mib": streams_mib, "distill_activations_32_blocks_gib": activations_full_gib, "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
+              "standard_streams_mib": streams_mib, "distill_activations_32_blocks_gib": activations_full_gib,
+              "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"distillation's activations at {FULL_DEPTH} blocks: {activations_full_gib:.1f} GiB a window, so "
