@@ -9,8 +9,9 @@ quality, is measured), with the standard preset's window length. Distillation re
 its backward, as `--distill-recompute auto` does for a 32-block 7B model (the converter's measured activations,
 scaled to 32 blocks, are checked against the converter's threshold and reported). The converter prints the peak
 RSS of each stage on its own (loading, statistics, blocks, distillation, writing); each stage is extrapolated
-linearly from the two block counts to 32 blocks, and the largest is the projection. Calibration streams (3 x windows x tokens x hidden x 4 bytes) scale
-with the number of windows, not with depth, and are added for the `standard` preset's calibration tokens.
+linearly from the two block counts to 32 blocks, and the largest is the projection. Calibration streams
+(3 x windows x tokens x hidden x 4 bytes) scale with the number of windows, not with depth, and are added for the
+`standard` preset's calibration tokens.
 Writes bench/results/memory.json.
 """
 from __future__ import annotations
