@@ -226,3 +226,21 @@ def test_scale_offsets_include_s_mid_for_tuning_and_distillation():
     with torch.no_grad():
         frozen.mid_offset.fill_(0.5)
     assert torch.allclose(frozen.layer().s_mid, layer.s_mid * 1.5)
+
+
+def test_sign_maps_zero_and_negative_zero_to_plus_one_and_keeps_the_dtype():
+    from nanoquant.admm import sign
+    x = torch.tensor([-2.0, -0.0, 0.0, 3.0, -1e-30], dtype=torch.float64)
+    out = sign(x)
+    assert out.dtype == torch.float64 and out.tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
+
+
+def test_auto_recompute_follows_the_measured_activations(monkeypatch, capsys):
+    from nanoquant import convert
+    model = _student_with_factorised_attention(_tiny_llama(n_layers=2))
+    data = _block_data(model, torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(4)))
+    assert convert._distill_recompute("auto", model.model.layers, data) is False  # kilobytes, under 2 GiB
+    monkeypatch.setattr(convert, "RECOMPUTE_ABOVE_BYTES", 1)
+    assert convert._distill_recompute("auto", model.model.layers, data) is True
+    assert convert._distill_recompute("off", model.model.layers, data) is False
+    assert "recomputed in the backward" in capsys.readouterr().out
