@@ -68,8 +68,9 @@ void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, 
 }
 
 // --- tables ---------------------------------------------------------------------------------------------------------
-// Plain C on every CPU (no -ffast-math anywhere), so all kernels read identical tables.
-void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
+// The scalar reference. Every SIMD build does the same IEEE operations on each value (no -ffast-math anywhere), so for
+// finite activations all builds write identical tables.
+void nq1_lut_build_ref(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
     assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
@@ -100,6 +101,83 @@ void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t bloc
             }
         }
     }
+}
+
+#if defined(NQ1_LUT_AVX2)
+// The tables of one block with lanes = groups. Entry n of a group is ((x3 +- x2) +- x1) +- x0 as in the reference, and
+// the reference's amax (the largest rounded sum of absolute values) is the largest |entry|: one entry of each group
+// takes every term with the sign of x3 and so equals +-((|x3| + |x2|) + |x1|) + |x0| exactly, and rounding is
+// monotonic, so no other entry exceeds it.
+static void build_block_avx2(const float * xb, float * scale, int8_t * table) {
+    const __m256 l0 = _mm256_loadu_ps(xb), l1 = _mm256_loadu_ps(xb + 8);
+    const __m256 l2 = _mm256_loadu_ps(xb + 16), l3 = _mm256_loadu_ps(xb + 24);
+    // in-lane 4x4 transpose: x_c holds element c of groups [0 2 4 6 | 1 3 5 7]
+    const __m256d t0 = _mm256_castps_pd(_mm256_unpacklo_ps(l0, l1)), t1 = _mm256_castps_pd(_mm256_unpackhi_ps(l0, l1));
+    const __m256d t2 = _mm256_castps_pd(_mm256_unpacklo_ps(l2, l3)), t3 = _mm256_castps_pd(_mm256_unpackhi_ps(l2, l3));
+    const __m256 x0 = _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2)), x1 = _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2));
+    const __m256 x2 = _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3)), x3 = _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3));
+    // entries 0-7 (bit 3 clear); bit b set subtracts x_b
+    const __m256 a[2] = { _mm256_add_ps(x3, x2), _mm256_sub_ps(x3, x2) };
+    __m256 e[ENTRIES / 2];
+    for (int n = 0; n < ENTRIES / 2; n += 2) {
+        const __m256 b = (n & 2) ? _mm256_sub_ps(a[n >> 2], x1) : _mm256_add_ps(a[n >> 2], x1);
+        e[n] = _mm256_add_ps(b, x0);
+        e[n + 1] = _mm256_sub_ps(b, x0);
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 abs_e[ENTRIES / 2];
+    for (int n = 0; n < ENTRIES / 2; n++) {
+        abs_e[n] = _mm256_andnot_ps(sign, e[n]);
+    }
+    // a tree, not a chain; |entries| >= +0, so no -0 can become the scale
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(abs_e[0], abs_e[1]), _mm256_max_ps(abs_e[2], abs_e[3])),
+                             _mm256_max_ps(_mm256_max_ps(abs_e[4], abs_e[5]), _mm256_max_ps(abs_e[6], abs_e[7])));
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+    // the reference's scalar divisions, done on all lanes: inv = 127 / amax, or 0 for an all-zero block
+    const __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), m),
+                                     _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_GT_OQ));
+    *scale = _mm256_cvtss_f32(_mm256_div_ps(m, _mm256_set1_ps(127.0f)));
+    // Quantise (cvtps rounds to nearest even, as nearbyintf does) four entries at a time into bytes [entry][group] per
+    // lane, then reorder them [group][entry]. Entry 15-n is -entry n: the negated bytes of entries 0-3 are entries
+    // 15-12, reordered with the entries reversed.
+    const __m256i group_major = _mm256_setr_epi8(
+        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i group_major_reversed = _mm256_setr_epi8(
+        12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3, 12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3);
+    __m256i r[4];  // r[i]: entries 4i..4i+3 of every group, [group][entry]
+    for (int i = 0; i < 2; i++) {
+        const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(e[4 * i], inv));
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(e[4 * i + 1], inv));
+        const __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(e[4 * i + 2], inv));
+        const __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(e[4 * i + 3], inv));
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+        r[i] = _mm256_shuffle_epi8(p, group_major);
+        r[3 - i] = _mm256_shuffle_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), p), group_major_reversed);
+    }
+    // 4x4 transpose of 4-entry pieces: each result holds the 16-entry tables of groups 2i (low lane) and 2i+1
+    const __m256i u0 = _mm256_unpacklo_epi32(r[0], r[1]), u1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i u2 = _mm256_unpacklo_epi32(r[2], r[3]), u3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    _mm256_storeu_si256((__m256i *) table, _mm256_unpacklo_epi64(u0, u2));
+    _mm256_storeu_si256((__m256i *) (table + 32), _mm256_unpackhi_epi64(u0, u2));
+    _mm256_storeu_si256((__m256i *) (table + 64), _mm256_unpacklo_epi64(u1, u3));
+    _mm256_storeu_si256((__m256i *) (table + 96), _mm256_unpackhi_epi64(u1, u3));
+}
+#endif
+
+// the one place that picks the table builder
+void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
+#if defined(NQ1_LUT_AVX2)
+    assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
+    float * scales = (float *) tables;
+    int8_t * entries = (int8_t *) tables + scales_bytes(k);
+    for (int64_t b = block_begin; b < block_end; b++) {
+        build_block_avx2(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
+    }
+#else
+    nq1_lut_build_ref(x, k, block_begin, block_end, tables);
+#endif
 }
 
 // --- kernels --------------------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ size_t nq1_lut_tables_size(int64_t k);
 void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, int64_t k);
 void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, int64_t k);
 
-// tables of blocks [block_begin, block_end) of one activation vector x of length k; the same code on every CPU
+// tables of blocks [block_begin, block_end) of one activation vector x of length k (finite values)
 void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables);
+// the scalar reference of nq1_lut_build: every build writes the same bytes
+void nq1_lut_build_ref(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables);
 
 // y[i] = sum_j sign(W[tile_begin*TILE + i, j]) * x[j] for the rows of tiles [tile_begin, tile_end), from one
 // vector's tables; y gets (tile_end - tile_begin) * NQ1_LUT_TILE values.

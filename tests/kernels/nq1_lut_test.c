@@ -22,17 +22,27 @@ static float next_normal(void) {
     return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
 }
 
-static int check(int64_t n_rows, int64_t k, int outliers, int zeros) {
+// ties: small integers and signed zeros, the first group of each block summing to 254 in absolute value, so that
+// table entries land exactly halfway between integers (rounded to even by every builder)
+static float tie_value(int64_t j) {
+    if (j % NQ1_LUT_BLOCK < 4) {
+        return (j % 2 ? -1.0f : 1.0f) * (j % 4 < 2 ? 127.0f : 0.0f);
+    }
+    const int v = (int) (next_u32() % 17) - 8;
+    return v == 0 && (next_u32() & 1) ? -0.0f : (float) v;
+}
+
+static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
     const int64_t row_bytes = k / 8;
     uint8_t * canonical = malloc(n_rows * row_bytes), * tiled = malloc(n_rows * row_bytes);
     uint8_t * back = malloc(n_rows * row_bytes);
     float * x = malloc(k * sizeof(float)), * y = malloc(n_rows * sizeof(float)), * y_ref = malloc(n_rows * sizeof(float));
-    void * tables = malloc(nq1_lut_tables_size(k));
+    void * tables = malloc(nq1_lut_tables_size(k)), * tables_ref = malloc(nq1_lut_tables_size(k));
     for (int64_t i = 0; i < n_rows * row_bytes; i++) {
         canonical[i] = (uint8_t) next_u32();
     }
     for (int64_t j = 0; j < k; j++) {
-        x[j] = zeros && j % 64 < 32 ? 0.0f : next_normal();  // all-zero blocks give a zero scale
+        x[j] = zeros && j % 64 < 32 ? 0.0f : ties ? tie_value(j) : next_normal();  // all-zero blocks: zero scale
         if (outliers && next_u32() % 97 == 0) {
             x[j] *= 60.0f;
         }
@@ -43,9 +53,21 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros) {
     if (!ok) {
         printf("FAIL repack round trip n_rows=%lld k=%lld\n", (long long) n_rows, (long long) k);
     }
-    // tables built in two pieces must equal tables built at once
+    // tables built in two pieces (as two threads would) by the selected builder equal the reference's, byte for byte
+    const size_t table_bytes = nq1_lut_tables_size(k);
+    memset(tables, 0x5A, table_bytes);
+    memset(tables_ref, 0xA5, table_bytes);  // different fill: padding bytes are not compared
     nq1_lut_build(x, k, 0, k / NQ1_LUT_BLOCK / 2, tables);
     nq1_lut_build(x, k, k / NQ1_LUT_BLOCK / 2, k / NQ1_LUT_BLOCK, tables);
+    nq1_lut_build_ref(x, k, 0, k / NQ1_LUT_BLOCK, tables_ref);
+    const size_t scale_bytes = (size_t) (k / NQ1_LUT_BLOCK) * sizeof(float), entry_bytes = (size_t) k / 4 * 16;
+    if (memcmp(tables, tables_ref, scale_bytes) != 0 ||
+        memcmp((char *) tables + table_bytes - entry_bytes, (char *) tables_ref + table_bytes - entry_bytes,
+               entry_bytes) != 0) {
+        ok = 0;
+        printf("FAIL %s tables != scalar reference tables (n_rows=%lld k=%lld)\n", nq1_lut_kernel_name(),
+               (long long) n_rows, (long long) k);
+    }
     const int64_t n_tiles = n_rows / NQ1_LUT_TILE, split = n_tiles / 2;
     nq1_lut_gemv_ref(tiled, k, 0, n_tiles, tables, y_ref);
     nq1_lut_gemv(tiled, k, 0, split, tables, y);  // two calls, as two threads would make them
@@ -87,9 +109,9 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros) {
         }
         worst = err / (bound > 0 ? bound : 1) > worst ? err / (bound > 0 ? bound : 1) : worst;
     }
-    printf("%s n_rows=%lld k=%lld outliers=%d zeros=%d: %s (worst error %.2f of the bound)\n", nq1_lut_kernel_name(),
-           (long long) n_rows, (long long) k, outliers, zeros, ok ? "ok" : "FAILED", worst);
-    free(canonical); free(tiled); free(back); free(x); free(y); free(y_ref); free(tables);
+    printf("%s n_rows=%lld k=%lld outliers=%d zeros=%d ties=%d: %s (worst error %.2f of the bound)\n",
+           nq1_lut_kernel_name(), (long long) n_rows, (long long) k, outliers, zeros, ties, ok ? "ok" : "FAILED", worst);
+    free(canonical); free(tiled); free(back); free(x); free(y); free(y_ref); free(tables); free(tables_ref);
     return ok;
 }
 
@@ -101,11 +123,13 @@ int main(void) {
     };
     int ok = 1;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
-        ok &= check(shapes[s][0], shapes[s][1], 0, 0);
-        ok &= check(shapes[s][0], shapes[s][1], 1, 1);
+        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 0);
+        ok &= check(shapes[s][0], shapes[s][1], 1, 1, 0);
+        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 1);
     }
     for (int r = 0; r < 20; r++) {  // random multiples of 32
-        ok &= check(32 * (1 + next_u32() % 24), 32 * (1 + next_u32() % 48), (int) (next_u32() & 1), (int) (next_u32() & 1));
+        ok &= check(32 * (1 + next_u32() % 24), 32 * (1 + next_u32() % 48), (int) (next_u32() & 1), (int) (next_u32() & 1),
+                    (int) (next_u32() % 3 == 0));
     }
     printf(ok ? "all ok\n" : "SOME CHECKS FAILED\n");
     return ok ? 0 : 1;
