@@ -166,14 +166,58 @@ static void build_block_avx2(const float * xb, float * scale, int8_t * table) {
 }
 #endif
 
+#if defined(NQ1_LUT_NEON)
+// The tables of one block with lanes = groups, the same operations as build_block_avx2 (see there).
+static void build_block_neon(const float * xb, float * scale, int8_t * table) {
+    const float32x4x4_t x[2] = { vld4q_f32(xb), vld4q_f32(xb + 16) };  // x[h].val[c]: element c of groups 4h..4h+3
+    float32x4_t e[2][ENTRIES / 2];  // entries 0-7 (bit 3 clear); bit b set subtracts x_b
+    float32x4_t m = vdupq_n_f32(0.0f);
+    for (int h = 0; h < 2; h++) {
+        const float32x4_t a[2] = { vaddq_f32(x[h].val[3], x[h].val[2]), vsubq_f32(x[h].val[3], x[h].val[2]) };
+        for (int n = 0; n < ENTRIES / 2; n += 2) {
+            const float32x4_t b = (n & 2) ? vsubq_f32(a[n >> 2], x[h].val[1]) : vaddq_f32(a[n >> 2], x[h].val[1]);
+            e[h][n] = vaddq_f32(b, x[h].val[0]);
+            e[h][n + 1] = vsubq_f32(b, x[h].val[0]);
+            m = vmaxq_f32(m, vmaxq_f32(vabsq_f32(e[h][n]), vabsq_f32(e[h][n + 1])));
+        }
+    }
+    const float amax = vmaxvq_f32(m);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *scale = amax / 127.0f;
+    int8x16x4_t q;  // q.val[i]: entries 2i and 2i+1 of groups 0-7 (vcvtn rounds to nearest even, as nearbyintf does)
+    for (int i = 0; i < 4; i++) {
+        int8x8_t pair[2];
+        for (int j = 0; j < 2; j++) {
+            const int n = 2 * i + j;
+            pair[j] = vqmovn_s16(vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e[0][n], inv))),
+                                              vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e[1][n], inv)))));
+        }
+        q.val[i] = vcombine_s8(pair[0], pair[1]);
+    }
+    // entry n of group g is byte 8n + g of q: gather entries 0-7 of groups g and g+1, then entries 15-8 = -(0-7)
+    static const uint8_t first_pair[16] = { 0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57 };
+    const uint8x16_t first = vld1q_u8(first_pair);
+    for (int g = 0; g < GROUPS; g += 2) {
+        const int8x16_t low = vqtbl4q_s8(q, vaddq_u8(first, vdupq_n_u8((uint8_t) g)));
+        const int64x2_t high = vreinterpretq_s64_s8(vrev64q_s8(vnegq_s8(low)));
+        vst1q_s8(table + g * ENTRIES, vreinterpretq_s8_s64(vzip1q_s64(vreinterpretq_s64_s8(low), high)));
+        vst1q_s8(table + (g + 1) * ENTRIES, vreinterpretq_s8_s64(vzip2q_s64(vreinterpretq_s64_s8(low), high)));
+    }
+}
+#endif
+
 // the one place that picks the table builder
 void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
-#if defined(NQ1_LUT_AVX2)
+#if defined(NQ1_LUT_AVX2) || defined(NQ1_LUT_NEON)
     assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
     for (int64_t b = block_begin; b < block_end; b++) {
+#if defined(NQ1_LUT_AVX2)
         build_block_avx2(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
+#else
+        build_block_neon(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
+#endif
     }
 #else
     nq1_lut_build_ref(x, k, block_begin, block_end, tables);
