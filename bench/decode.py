@@ -1,14 +1,17 @@
 """End-to-end speed: llama-bench pp128 and tg64, NanoQuant files against llama.cpp's types, repetitions interleaved.
 
-    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
+    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2] [--head q8_0]
 
 Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files where bench/quality.py has made them,
 else files with random signs at the same ranks (the file name says so); the llama.cpp types are made from the F32
 teacher. (b) synthetic-1b: a Llama-shaped
 model of about 1.1B parameters (hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV heads, SmolLM2's tokenizer) with
 RANDOM weights: its numbers are about speed only. Its NQ files carry random signs at the method's ranks.
-Every file keeps its token embedding / output head at Q8_0 (the NQ files' type), so the heads cost the same on both
-sides. IQ1_S takes an importance matrix from llama-imatrix on the calibration text (2 chunks for the synthetic model).
+Every file keeps its token embedding / output head at one type, `--head` (default Q8_0, the converter's default
+`--other-type`), so the heads cost the same on both sides. Both models tie the head to the embedding, so a token reads
+every byte of a file: when every type runs at the memory bound, the tg64 ratio is the ratio of file sizes, which the
+table shows ("size ratio"). With another `--head` the SmolLM2 NQ files are random signs at the same ranks, and the
+results go to decode-head-<type>.json / .md. IQ1_S takes an importance matrix from llama-imatrix on the calibration text (2 chunks for the synthetic model).
 Each repetition runs every (file, threads) pair once with `llama-bench -r 1`, in turn; the table gives medians.
 Writes bench/results/decode.json (a list of rows) and decode.md.
 """
@@ -30,13 +33,13 @@ from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, mach
 
 LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
 NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
-HEAD = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
+DEFAULT_HEAD = "q8_0"
 SYNTH = dict(hidden=2048, ffn=5632, blocks=22, heads=32, kv_heads=4, ctx=2048)
 
 
-def quantize(src: Path, out: Path, type_name: str, imatrix: Path | None, threads: int) -> Path:
+def quantize(src: Path, out: Path, type_name: str, imatrix: Path | None, threads: int, head: str) -> Path:
     if not out.is_file():
-        cmd = [BIN / "llama-quantize", "--allow-requantize", *HEAD]
+        cmd = [BIN / "llama-quantize", "--allow-requantize", "--token-embedding-type", head, "--output-tensor-type", head]
         if imatrix is not None:
             cmd += ["--imatrix", imatrix]
         run(cmd + [src, partial(out), type_name, threads], f"llama-quantize {type_name}")
@@ -52,17 +55,22 @@ def make_imatrix(model: Path, out: Path, chunks: int, threads: int) -> Path:
     return out
 
 
-def smollm2_files(threads: int) -> dict[str, Path]:
-    """The quality table's NQ files where it made them; otherwise random signs at the same ranks (speed is the same)."""
+def head_suffix(head: str) -> str:
+    return "" if head == DEFAULT_HEAD else f"-head-{head}"
+
+
+def smollm2_files(threads: int, head: str) -> dict[str, Path]:
+    """The quality table's NQ files where they exist with this head; otherwise random signs at the same ranks (the
+    kernels do the same work whatever the signs)."""
     bench = Bench(DEFAULT_MODEL, 150, threads, "standard")
     files = {}
     for name, bpw in NQ_BPW.items():
         converted = bench.dir / f"NQ-{bpw}.gguf"
-        files[name] = converted if converted.is_file() else synthetic_nq(bench.f32(), bench.dir /
-                                                                         f"decode-{name}-random-signs.gguf", bpw)
+        files[name] = converted if converted.is_file() and head == DEFAULT_HEAD else synthetic_nq(
+            bench.f32(), bench.dir / f"decode-{name}-random-signs{head_suffix(head)}.gguf", bpw, head)
     for t in LLAMA_TYPES:
         imatrix = bench.imatrix() if t.startswith("IQ") else None
-        files[t] = quantize(bench.f32(), bench.dir / f"decode-{t}.gguf", t, imatrix, threads)
+        files[t] = quantize(bench.f32(), bench.dir / f"decode-{t}{head_suffix(head)}.gguf", t, imatrix, threads, head)
     return files
 
 
@@ -112,8 +120,8 @@ def synthetic_base(folder: Path) -> Path:
     return out
 
 
-def synthetic_nq(base: Path, out: Path, bpw: float) -> Path:
-    """Random signs at the method's ranks for every decoder linear layer; everything else from the base, Q8_0."""
+def synthetic_nq(base: Path, out: Path, bpw: float, head: str) -> Path:
+    """Random signs at the method's ranks for every decoder linear layer; everything else from the base, in `head`."""
     import gguf
     from nanoquant import formats
     from nanoquant.fileinfo import DECODER_LINEAR
@@ -132,18 +140,19 @@ def synthetic_nq(base: Path, out: Path, bpw: float) -> Path:
                                          s_pre=np.ones(d_in, np.float32), s_post=np.full(d_out, 0.01, np.float32)))
     meta = {formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
-    write_nq_gguf(base, out, layers, gguf.GGMLQuantizationType.Q8_0, meta)
+    write_nq_gguf(base, out, layers, gguf.GGMLQuantizationType[head.upper()], meta)
     return out
 
 
-def synthetic_files(threads: int) -> dict[str, Path]:
+def synthetic_files(threads: int, head: str) -> dict[str, Path]:
     folder = RESULTS / "synthetic-llama-1b"
     folder.mkdir(parents=True, exist_ok=True)
     base = synthetic_base(folder)
-    files = {name: synthetic_nq(base, folder / f"{name}.gguf", bpw) for name, bpw in NQ_BPW.items()}
+    suffix = head_suffix(head)
+    files = {name: synthetic_nq(base, folder / f"{name}{suffix}.gguf", bpw, head) for name, bpw in NQ_BPW.items()}
     for t in LLAMA_TYPES:
         imatrix = make_imatrix(base, folder / "imatrix.gguf", 2, threads) if t.startswith("IQ") else None
-        files[t] = quantize(base, folder / f"{t}.gguf", t, imatrix, threads)
+        files[t] = quantize(base, folder / f"{t}{suffix}.gguf", t, imatrix, threads, head)
     return files
 
 
@@ -160,9 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1b"], choices=["smollm2", "synthetic-1b"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--head", default=DEFAULT_HEAD, type=str.lower,
+                   help="ggml type of every file's token embedding / output head (default q8_0)")
     args = p.parse_args(argv)
+    import gguf
+    if args.head.upper() not in gguf.GGMLQuantizationType.__members__:
+        p.error(f"--head: unknown ggml type '{args.head}'")
     build = {"smollm2": smollm2_files, "synthetic-1b": synthetic_files}
-    files = {(m, name): path for m in args.models for name, path in build[m](max(args.threads)).items()}
+    files = {(m, name): path for m in args.models for name, path in build[m](max(args.threads), args.head).items()}
 
     samples: dict[tuple, list[float]] = {}
     for rep in range(args.reps):
@@ -174,10 +188,11 @@ def main(argv=None) -> int:
 
     from nanoquant.fileinfo import decoder_linear_bits
     bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
-    rows = [{"model": m, "type": n, "file": files[(m, n)].name, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
+    rows = [{"model": m, "type": n, "file": files[(m, n)].name, "file_bytes": files[(m, n)].stat().st_size,
+             "head": args.head, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
              "tokens_per_s": statistics.median(v), "samples": v, "machine": machine()}
             for (m, n, t, test), v in samples.items()]
-    out = RESULTS / "decode.json"
+    out = RESULTS / f"decode{head_suffix(args.head)}.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows)
     out.with_suffix(".md").write_text(table)
@@ -186,17 +201,19 @@ def main(argv=None) -> int:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"llama-bench pp128 / tg64, tokens per second (median of interleaved repetitions); ratio = NQ-1.0 / type. "
-             f"Machine: {rows[0]['machine']}.", "",
-             "| model | type | bpw_linear | threads | pp128 t/s | tg64 t/s | NQ-1.0 pp ratio | NQ-1.0 tg ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"llama-bench pp128 / tg64, tokens per second (median of interleaved repetitions); ratio = NQ-1.0 / type; "
+             f"size ratio = file bytes / NQ-1.0's (the tg ratio where both are memory-bound). Heads: "
+             f"{rows[0]['head'].upper()}. Machine: {rows[0]['machine']}.", "",
+             "| model | type | bpw_linear | threads | pp128 t/s | tg64 t/s | NQ-1.0 pp ratio | NQ-1.0 tg ratio | size ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     index = {(r["model"], r["type"], r["threads"], r["test"]): r["tokens_per_s"] for r in rows}
+    size = {(r["model"], r["type"]): r["file_bytes"] for r in rows}
     for (model, name, threads) in dict.fromkeys((r["model"], r["type"], r["threads"]) for r in rows):
         pp, tg = index[(model, name, threads, "pp128")], index[(model, name, threads, "tg64")]
         nq_pp, nq_tg = index[(model, "NQ-1.0", threads, "pp128")], index[(model, "NQ-1.0", threads, "tg64")]
         bpw = next(r["bpw_linear"] for r in rows if (r["model"], r["type"]) == (model, name))
         lines.append(f"| {model} | {name} | {bpw:.3f} | {threads} | {pp:.1f} | {tg:.1f} | {nq_pp / pp:.2f} | "
-                     f"{nq_tg / tg:.2f} |")
+                     f"{nq_tg / tg:.2f} | {size[(model, name)] / size[(model, 'NQ-1.0')]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
