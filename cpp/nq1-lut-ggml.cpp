@@ -50,18 +50,6 @@ void thread_share(int64_t total, int ith, int nth, int64_t & begin, int64_t & en
     end = total * (ith + 1) / nth;
 }
 
-// Work items [0, total) in chunks handed out as threads ask, so that a thread held up (a busy core on a shared machine)
-// takes fewer, as in ggml's own repacked GEMMs: thread ith starts with chunk ith, then takes the next from the
-// threadpool's counter, which thread 0 must have set to nth before a barrier that precedes this call.
-constexpr int64_t CHUNKS_PER_THREAD = 4;
-
-template <typename F> void for_each_chunk(const ggml_compute_params * params, int64_t total, F && run) {
-    const int64_t n_chunks = std::min(total, CHUNKS_PER_THREAD * params->nth);
-    for (int64_t chunk = params->ith; chunk < n_chunks; chunk = ggml_threadpool_chunk_add(params->threadpool, 1)) {
-        run(total * chunk / n_chunks, total * (chunk + 1) / n_chunks);
-    }
-}
-
 class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
     bool work_size(int n_threads, const ggml_tensor * op, size_t & size) override {
         if (op->op != GGML_OP_MUL_MAT) {
@@ -103,20 +91,15 @@ class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
             const int64_t b0 = std::max(begin - c * n_blocks, (int64_t) 0), b1 = std::min(end - c * n_blocks, n_blocks);
             nq1_lut_build((const float *) column(x, c), k, b0, b1, tables + c * table_size);
         }
-        if (params->ith == 0) {
-            ggml_threadpool_chunk_set(params->threadpool, params->nth);
-        }
         ggml_barrier(params->threadpool);
 
-        // 2. products: chunks of (column, tile) pairs; a chunk's pairs are consecutive tiles of few columns
-        for_each_chunk(params, n_cols * n_tiles, [&](int64_t first, int64_t last) {
-            for (int64_t c = first / n_tiles; c < n_cols && c * n_tiles < last; c++) {
-                const int64_t t0 = std::max(first - c * n_tiles, (int64_t) 0);
-                const int64_t t1 = std::min(last - c * n_tiles, n_tiles);
-                nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + c * table_size,
-                             (float *) column(op, c) + t0 * NQ1_LUT_TILE);
-            }
-        });
+        // 2. products: (column, tile) pairs split evenly; a thread's pairs are consecutive tiles of few columns
+        share(n_cols * n_tiles, begin, end);
+        for (int64_t c = begin / n_tiles; c < n_cols && c * n_tiles < end; c++) {
+            const int64_t t0 = std::max(begin - c * n_tiles, (int64_t) 0), t1 = std::min(end - c * n_tiles, n_tiles);
+            nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + c * table_size,
+                         (float *) column(op, c) + t0 * NQ1_LUT_TILE);
+        }
         return true;
     }
 
@@ -193,6 +176,9 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
     char * const scratch_base = wdata + t_bytes;
     GGML_ASSERT(params->wsize >= t_bytes + (size_t) params->nth * fused_thread_bytes(std::max(d_in, rank), n_cols));
 
+    const auto share = [&](int64_t total, int64_t & begin, int64_t & end) {
+        thread_share(total, ith, nth, begin, end);
+    };
     // every thread builds the tables of all columns of `in` (scaled by `scale` when given) in its own scratch
     const auto build_tables = [&](const char * in, size_t in_stride, const float * scale, int64_t k) -> char * {
         char * scratch = scratch_base + (size_t) ith * fused_thread_bytes(k, n_cols);
@@ -210,13 +196,15 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
         }
         return tables;
     };
-    // (column, tile) pairs [first, last) of W times the tables, each output row times `scale`
+    // this thread's (column, tile) pairs of W times the tables, each output row times `scale`
     const auto products = [&](const ggml_tensor * w, const char * tables, float * out, int64_t out_rows,
-                              const float * scale, int64_t first, int64_t last) {
+                              const float * scale) {
         const int64_t k = w->ne[0], n_tiles = w->ne[1] / NQ1_LUT_TILE;
-        for (int64_t col = first / n_tiles; col < n_cols && col * n_tiles < last; col++) {
-            const int64_t t0 = std::max(first - col * n_tiles, (int64_t) 0);
-            const int64_t t1 = std::min(last - col * n_tiles, n_tiles);
+        int64_t begin, end;
+        share(n_cols * n_tiles, begin, end);
+        for (int64_t col = begin / n_tiles; col < n_cols && col * n_tiles < end; col++) {
+            const int64_t t0 = std::max(begin - col * n_tiles, (int64_t) 0);
+            const int64_t t1 = std::min(end - col * n_tiles, n_tiles);
             float * y = out + col * out_rows;
             nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + col * nq1_lut_tables_size(k),
                          y + t0 * NQ1_LUT_TILE);
@@ -226,28 +214,12 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
         }
     };
 
-    // V: an even split (no barrier precedes it to hand out chunks); U: chunks handed out after the barrier that
-    // U's tables need anyway (they read every row of t)
-    const char * v_tables = build_tables((const char *) x->data, x->nb[1], s_pre, d_in);
-    const int64_t v_pairs = n_cols * (rank / NQ1_LUT_TILE), u_pairs = n_cols * (d_out / NQ1_LUT_TILE);
-    int64_t begin, end;
-    thread_share(v_pairs, ith, nth, begin, end);
-    products(v, v_tables, t, rank, s_mid, begin, end);
+    products(v, build_tables((const char *) x->data, x->nb[1], s_pre, d_in), t, rank, s_mid);
     if (!solo) {
-        if (ith == 0) {
-            ggml_threadpool_chunk_set(params->threadpool, nth);
-        }
-        ggml_barrier(params->threadpool);
+        ggml_barrier(params->threadpool);  // U's tables read every row of t
     }
-    const char * u_tables = build_tables((const char *) t, rank * sizeof(float), nullptr, rank);
-    const auto u_products = [&](int64_t first, int64_t last) {
-        products(u, u_tables, (float *) c.post->data, d_out, s_post, first, last);
-    };
-    if (solo) {
-        u_products(0, u_pairs);
-    } else {
-        for_each_chunk(params, u_pairs, u_products);
-    }
+    products(u, build_tables((const char *) t, rank * sizeof(float), nullptr, rank), (float *) c.post->data, d_out,
+             s_post);
     if (ith == 0) {
         fused_layer_count.fetch_add(1, std::memory_order_relaxed);
     }
