@@ -1,4 +1,5 @@
-// Table-lookup NQ1 GEMV: scalar reference, AVX2 and NEON (aarch64), selected in nq1_lut_gemv. See nq1-lut.h.
+// Table-lookup NQ1 GEMV and its table builder: scalar references, AVX2 and NEON (aarch64), selected in nq1_lut_gemv and
+// nq1_lut_build. See nq1-lut.h.
 #include "nq1-lut.h"
 
 #include <assert.h>
