@@ -1,6 +1,7 @@
 """End-to-end speed: llama-bench pp128 and tg64, NanoQuant files against llama.cpp's types, repetitions interleaved.
 
-    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2] [--head q8_0]
+    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
+                                     [--head q8_0]
 
 Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files where bench/quality.py has made them,
 else files with random signs at the same ranks (the file name says so); the llama.cpp types are made from the F32
@@ -11,7 +12,8 @@ Every file keeps its token embedding / output head at one type, `--head` (defaul
 `--other-type`), so the heads cost the same on both sides. Both models tie the head to the embedding, so a token reads
 every byte of a file: when every type runs at the memory bound, the tg64 ratio is the ratio of file sizes, which the
 table shows ("size ratio"). With another `--head` the SmolLM2 NQ files are random signs at the same ranks, and the
-results go to decode-head-<type>.json / .md. IQ1_S takes an importance matrix from llama-imatrix on the calibration text (2 chunks for the synthetic model).
+results go to decode-head-<type>.json / .md. IQ1_S takes an importance matrix from llama-imatrix on the calibration
+text (2 chunks for the synthetic model).
 Each repetition runs every (file, threads) pair once with `llama-bench -r 1`, in turn; the table gives medians.
 Writes bench/results/decode.json (a list of rows) and decode.md.
 """
@@ -39,7 +41,8 @@ SYNTH = dict(hidden=2048, ffn=5632, blocks=22, heads=32, kv_heads=4, ctx=2048)
 
 def quantize(src: Path, out: Path, type_name: str, imatrix: Path | None, threads: int, head: str) -> Path:
     if not out.is_file():
-        cmd = [BIN / "llama-quantize", "--allow-requantize", "--token-embedding-type", head, "--output-tensor-type", head]
+        cmd = [BIN / "llama-quantize", "--allow-requantize", "--token-embedding-type", head,
+               "--output-tensor-type", head]
         if imatrix is not None:
             cmd += ["--imatrix", imatrix]
         run(cmd + [src, partial(out), type_name, threads], f"llama-quantize {type_name}")
@@ -204,7 +207,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [f"llama-bench pp128 / tg64, tokens per second (median of interleaved repetitions); ratio = NQ-1.0 / type; "
              f"size ratio = file bytes / NQ-1.0's (the tg ratio where both are memory-bound). Heads: "
              f"{rows[0]['head'].upper()}. Machine: {rows[0]['machine']}.", "",
-             "| model | type | bpw_linear | threads | pp128 t/s | tg64 t/s | NQ-1.0 pp ratio | NQ-1.0 tg ratio | size ratio |",
+             "| model | type | bpw_linear | threads | pp128 t/s | tg64 t/s | NQ-1.0 pp ratio | NQ-1.0 tg ratio "
+             "| size ratio |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     index = {(r["model"], r["type"], r["threads"], r["test"]): r["tokens_per_s"] for r in rows}
     size = {(r["model"], r["type"]): r["file_bytes"] for r in rows}

@@ -210,15 +210,16 @@ static void build_block_neon(const float * xb, float * scale, int8_t * table) {
 // the one place that picks the table builder
 void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
 #if defined(NQ1_LUT_AVX2) || defined(NQ1_LUT_NEON)
+#if defined(NQ1_LUT_AVX2)
+    void (*const build_block)(const float *, float *, int8_t *) = build_block_avx2;
+#else
+    void (*const build_block)(const float *, float *, int8_t *) = build_block_neon;
+#endif
     assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
     for (int64_t b = block_begin; b < block_end; b++) {
-#if defined(NQ1_LUT_AVX2)
-        build_block_avx2(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
-#else
-        build_block_neon(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
-#endif
+        build_block(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
     }
 #else
     nq1_lut_build_ref(x, k, block_begin, block_end, tables);

@@ -111,17 +111,15 @@ def test_distillation_with_recomputed_activations_is_exact_and_keeps_less():
 
     def saved_bytes(recompute: bool) -> int:
         total = []
-        offsets = trainable_scale_offsets(student)
-        with recomputed_in_backward(student.model.layers if recompute else []):
+        with trainable_scale_offsets(student), recomputed_in_backward(student.model.layers if recompute else []):
             with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
                                                           lambda t: t):
                 student(input_ids=windows[:1], use_cache=False)
-        for p in offsets:
-            p.requires_grad_(False)
         return sum(total)
 
     # recomputation keeps a block's input where the plain backward keeps all its activations
-    per_block = saved_activation_bytes(student.model.layers[0], teacher_hidden[:1], _block_data(student, windows[:1]).kwargs)
+    per_block = saved_activation_bytes(student.model.layers[0], teacher_hidden[:1],
+                                       _block_data(student, windows[:1]).kwargs)
     assert saved_bytes(False) - saved_bytes(True) > 0.8 * len(student.model.layers) * per_block > 0
 
 

@@ -132,7 +132,6 @@ def saved_activation_bytes(block, x: torch.Tensor, kwargs: dict) -> int:
     its scale offsets trainable (int8 signs and the offsets themselves are held anyway and not counted)."""
     held = {id(t) for t in (*block.parameters(), *block.buffers())}
     total = 0
-    offsets = trainable_scale_offsets(block)
 
     def count(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
@@ -140,12 +139,9 @@ def saved_activation_bytes(block, x: torch.Tensor, kwargs: dict) -> int:
             total += t.numel() * t.element_size()
         return t
 
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            run_block(block, x, kwargs)
-    finally:
-        for p in offsets:
-            p.requires_grad_(False)
+    with (trainable_scale_offsets(block), torch.enable_grad(),
+          torch.autograd.graph.saved_tensors_hooks(count, lambda t: t)):
+        run_block(block, x, kwargs)
     return total
 
 
@@ -179,34 +175,35 @@ def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
     recompute: see recomputed_in_backward."""
     if settings.steps <= 0:
         return []
-    offsets = trainable_scale_offsets(student)
-    opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(settings.seed)
     losses = []
-    try:
-        with recomputed_in_backward(student.model.layers if recompute else []):
-            for step in range(settings.steps):
-                opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
-                i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
-                with torch.no_grad():
-                    p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), -1)
-                log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), -1)
-                loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-    finally:
-        for p in offsets:
-            p.requires_grad_(False)
+    with trainable_scale_offsets(student) as offsets, recomputed_in_backward(student.model.layers if recompute else []):
+        opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
+        for step in range(settings.steps):
+            opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
+            i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
+            with torch.no_grad():
+                p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), -1)
+            log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), -1)
+            loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     return losses
 
 
-def trainable_scale_offsets(model) -> list[torch.Tensor]:
+@contextmanager
+def trainable_scale_offsets(model):
+    """The scale offsets of every FrozenLowRankBinary in model, trainable inside the block and frozen again after."""
     offsets = [p for m in model.modules() if isinstance(m, FrozenLowRankBinary) for p in m.scale_offsets()]
     for p in offsets:
         p.requires_grad_(True)
-    return offsets
+    try:
+        yield offsets
+    finally:
+        for p in offsets:
+            p.requires_grad_(False)
 
 
 @dataclass

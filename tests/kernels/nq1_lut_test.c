@@ -42,7 +42,8 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
         canonical[i] = (uint8_t) next_u32();
     }
     for (int64_t j = 0; j < k; j++) {
-        x[j] = zeros && j % 64 < 32 ? 0.0f : ties ? tie_value(j) : next_normal();  // all-zero blocks: zero scale
+        // all-zero blocks give a zero scale
+        x[j] = zeros && j % 64 < 32 ? 0.0f : ties ? tie_value(j) : next_normal();
         if (outliers && next_u32() % 97 == 0) {
             x[j] *= 60.0f;
         }
@@ -110,7 +111,8 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
         worst = err / (bound > 0 ? bound : 1) > worst ? err / (bound > 0 ? bound : 1) : worst;
     }
     printf("%s n_rows=%lld k=%lld outliers=%d zeros=%d ties=%d: %s (worst error %.2f of the bound)\n",
-           nq1_lut_kernel_name(), (long long) n_rows, (long long) k, outliers, zeros, ties, ok ? "ok" : "FAILED", worst);
+           nq1_lut_kernel_name(), (long long) n_rows, (long long) k, outliers, zeros, ties, ok ? "ok" : "FAILED",
+           worst);
     free(canonical); free(tiled); free(back); free(x); free(y); free(y_ref); free(tables); free(tables_ref);
     return ok;
 }
@@ -128,8 +130,9 @@ int main(void) {
         ok &= check(shapes[s][0], shapes[s][1], 0, 0, 1);
     }
     for (int r = 0; r < 20; r++) {  // random multiples of 32
-        ok &= check(32 * (1 + next_u32() % 24), 32 * (1 + next_u32() % 48), (int) (next_u32() & 1), (int) (next_u32() & 1),
-                    (int) (next_u32() % 3 == 0));
+        const int64_t n_rows = 32 * (1 + next_u32() % 24), k = 32 * (1 + next_u32() % 48);
+        const int outliers = (int) (next_u32() & 1), zeros = (int) (next_u32() & 1);
+        ok &= check(n_rows, k, outliers, zeros, (int) (next_u32() % 3 == 0));
     }
     printf(ok ? "all ok\n" : "SOME CHECKS FAILED\n");
     return ok ? 0 : 1;
