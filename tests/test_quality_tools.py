@@ -61,3 +61,25 @@ def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
     other = quality.Bench(model, 40, 2, "standard")
     assert default.json_path.name == "quality-Model.json" and other.json_path.name == "quality-Model-40chunks.json"
     assert default.protocol != other.protocol
+
+
+def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    import decode
+
+    def rows(name, size, tg):
+        return [dict(model="m", type=name, file=f"{name}.gguf", file_bytes=size, head="q4_0", bpw_linear=1.0,
+                     threads=1, test=test, tokens_per_s=tps, samples=[tps], machine="M")
+                for test, tps in (("pp128", 3 * tg), ("tg64", tg))]
+
+    table = decode.markdown(rows("NQ-1.0", 100, 30.0) + rows("Q4_0", 287, 10.0))
+    assert "Heads: Q4_0." in table and "| m | Q4_0 | 1.000 | 1 | 30.0 | 10.0 | 3.00 | 3.00 | 2.87 |" in table
+    # the default head keeps the historical file names; another head gets its own files and results
+    assert decode.head_suffix("q8_0") == "" and decode.head_suffix("q4_0") == "-head-q4_0"
+    try:
+        decode.main(["--head", "q9_9"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("an unknown --head type must stop the benchmark")
+    assert "--head: unknown ggml type 'q9_9'" in capsys.readouterr().err
