@@ -1,5 +1,5 @@
-// Table-lookup NQ1 GEMV and its table builder: scalar references, AVX2 and NEON (aarch64), selected in nq1_lut_gemv and
-// nq1_lut_build. See nq1-lut.h.
+// Table-lookup NQ1 GEMV and its table builder: scalar references, AVX-512 (VBMI + VNNI, GEMV only), AVX2 and NEON
+// (aarch64), selected in nq1_lut_gemv and nq1_lut_build. See nq1-lut.h.
 #include "nq1-lut.h"
 
 #include <assert.h>
@@ -9,6 +9,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define NQ1_LUT_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+#define NQ1_LUT_AVX512 1
+#endif
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define NQ1_LUT_NEON 1
@@ -18,6 +21,13 @@
 #define ENTRIES      16                       // 2^GROUP
 #define GROUPS       (NQ1_LUT_BLOCK / GROUP)  // tables per scale
 #define ALIGN        64
+// Weight bytes of a row kept together in the tiled layout: the AVX-512 kernel reads a whole block of a row (4 bytes) as
+// one 32-bit lane, the 16-byte-table kernels one byte column of the tile at a time.
+#if defined(NQ1_LUT_AVX512)
+#define CHUNK        (NQ1_LUT_BLOCK / 8)
+#else
+#define CHUNK        1
+#endif
 
 // Table memory of a vector of length k: k/NQ1_LUT_BLOCK float scales, padded to ALIGN, then k/GROUP tables of
 // ENTRIES int8 values (group g of block b at table index b*GROUPS + g).
@@ -39,7 +49,11 @@ static const int8_t * table_entries(const void * tables, int64_t k) {
 }
 
 // --- repacking ------------------------------------------------------------------------------------------------------
-// tile t, byte column j, row i of the tile  <->  canonical row t*TILE + i, byte j
+// Inside a tile, byte j of row i sits at chunk j / CHUNK: the chunks of all the tile's rows are contiguous.
+static size_t tiled_offset(int64_t i, int64_t j) {
+    return (size_t) ((j / CHUNK * NQ1_LUT_TILE + i) * CHUNK + j % CHUNK);
+}
+
 void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, int64_t k) {
     assert(n_rows % NQ1_LUT_TILE == 0 && k % NQ1_LUT_BLOCK == 0);
     const int64_t row_bytes = k / 8;
@@ -48,7 +62,7 @@ void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, 
         for (int64_t i = 0; i < NQ1_LUT_TILE; i++) {
             const uint8_t * row = canonical + (t * NQ1_LUT_TILE + i) * row_bytes;
             for (int64_t j = 0; j < row_bytes; j++) {
-                tile[j * NQ1_LUT_TILE + i] = row[j];
+                tile[tiled_offset(i, j)] = row[j];
             }
         }
     }
@@ -62,7 +76,7 @@ void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, 
         for (int64_t i = 0; i < NQ1_LUT_TILE; i++) {
             uint8_t * row = canonical + (t * NQ1_LUT_TILE + i) * row_bytes;
             for (int64_t j = 0; j < row_bytes; j++) {
-                row[j] = tile[j * NQ1_LUT_TILE + i];
+                row[j] = tile[tiled_offset(i, j)];
             }
         }
     }
@@ -240,7 +254,7 @@ void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
                 int sum = 0;  // exact: at most GROUPS * 127 in magnitude
                 for (int jj = 0; jj < NQ1_LUT_BLOCK / 8; jj++) {
                     const int64_t j = b * (NQ1_LUT_BLOCK / 8) + jj;
-                    const uint8_t byte = tile[j * NQ1_LUT_TILE + i];
+                    const uint8_t byte = tile[tiled_offset(i, j)];
                     sum += entries[(2 * j) * ENTRIES + (byte & 15)] + entries[(2 * j + 1) * ENTRIES + (byte >> 4)];
                 }
                 acc = fmaf(scales[b], (float) sum, acc);
@@ -250,7 +264,43 @@ void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
     }
 }
 
-#if defined(NQ1_LUT_AVX2)
+#if defined(NQ1_LUT_AVX512)
+// One 32-bit lane holds a row's 4 bytes of a block; byte q carries groups 2q (low nibble) and 2q+1 (high nibble).
+// vpermi2b looks each nibble up in the block's 8 tables (128 bytes, two registers), the index's bits 4-6 naming the
+// group, and leaves a row's 8 entries of the block in its own lane, where vpdpbusd adds them exactly into int32.
+static void gemv_avx512(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
+                        float * y) {
+    const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
+    const float * scales = table_scales(tables);
+    const int8_t * entries = table_entries(tables, k);
+    const __m512i low_nibble = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+    const __m512i group_lo = _mm512_set1_epi32(0x60402000), group_hi = _mm512_set1_epi32(0x70503010);
+    const int nibble_or_group = 0xEA;  // vpternlog: (a & b) | c
+    for (int64_t t = tile_begin; t < tile_end; t++) {
+        const uint8_t * tile = tiled + t * NQ1_LUT_TILE * row_bytes;
+        __m512 acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };  // rows 0-15, 16-31
+        for (int64_t b = 0; b < n_blocks; b++) {
+            const __m512i t0 = _mm512_loadu_si512(entries + b * GROUPS * ENTRIES);
+            const __m512i t1 = _mm512_loadu_si512(entries + b * GROUPS * ENTRIES + 64);
+            const __m512 d = _mm512_set1_ps(scales[b]);
+            for (int h = 0; h < 2; h++) {
+                const __m512i w = _mm512_loadu_si512(tile + (b * NQ1_LUT_TILE + 16 * h) * CHUNK);
+                const __m512i idx_lo = _mm512_ternarylogic_epi32(w, low_nibble, group_lo, nibble_or_group);
+                const __m512i idx_hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low_nibble, group_hi,
+                                                                 nibble_or_group);
+                const __m512i v_lo = _mm512_permutex2var_epi8(t0, idx_lo, t1);
+                const __m512i v_hi = _mm512_permutex2var_epi8(t0, idx_hi, t1);
+                const __m512i sum_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, v_lo);
+                const __m512i sum = _mm512_dpbusd_epi32(sum_lo, ones, v_hi);
+                acc[h] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[h]);
+            }
+        }
+        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
+        _mm512_storeu_ps(out, acc[0]);
+        _mm512_storeu_ps(out + 16, acc[1]);
+    }
+}
+#elif defined(NQ1_LUT_AVX2)
 static void gemv_avx2(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
                       float * y) {
     const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
@@ -343,7 +393,9 @@ static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
 // the one place that picks the kernel
 void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
                   float * y) {
-#if defined(NQ1_LUT_AVX2)
+#if defined(NQ1_LUT_AVX512)
+    gemv_avx512(tiled, k, tile_begin, tile_end, tables, y);
+#elif defined(NQ1_LUT_AVX2)
     gemv_avx2(tiled, k, tile_begin, tile_end, tables, y);
 #elif defined(NQ1_LUT_NEON)
     gemv_neon(tiled, k, tile_begin, tile_end, tables, y);
@@ -353,7 +405,9 @@ void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t 
 }
 
 const char * nq1_lut_kernel_name(void) {
-#if defined(NQ1_LUT_AVX2)
+#if defined(NQ1_LUT_AVX512)
+    return "avx512";
+#elif defined(NQ1_LUT_AVX2)
     return "avx2";
 #elif defined(NQ1_LUT_NEON)
     return "neon";

@@ -4,8 +4,10 @@
 // by the 4 sign bits of a weight nibble (bit b set = -x_b, as in NQ1). Entry 15-n is minus entry n, so only 8 sums per
 // group are computed. Tables are int8 with one float scale per NQ1_LUT_BLOCK activations.
 //
-// Weights: the canonical NQ1 rows are repacked into tiles of NQ1_LUT_TILE rows; inside a tile, byte column j of all
-// its rows is contiguous. One 16-byte table lookup (pshufb / tbl) then serves 16 rows at once.
+// Weights: the canonical NQ1 rows are repacked into tiles of NQ1_LUT_TILE rows; inside a tile, chunk c (bytes
+// c*CHUNK .. c*CHUNK+CHUNK-1 of a row) of all its rows is contiguous. For the 16-byte table lookups (pshufb / tbl) a
+// chunk is one byte, so one lookup serves 16 rows at once; for AVX-512 (vpermi2b over a block's 8 tables) a chunk is
+// one block, 4 bytes. The layout is thus fixed by the kernel the build selects, and only nq1_lut_* read it.
 //
 // Every path forms the same exact int16 sum per row and block and accumulates the blocks with fused multiply-adds in
 // the same order, so SIMD results equal the scalar reference bit for bit.
