@@ -1,8 +1,9 @@
 // ggml-cpu glue of the NQ1 table-lookup kernels (cpp/nq1-lut.c): NQ1 weights placed in the CPU_REPACK buffer are
 // tiled at load time, and their mul_mat builds activation tables in the work buffer, then runs the selected GEMV.
 // Decode-sized NanoQuant layers (s_pre, V, [s_mid], U, s_post: the chain of ggml_patches/0002) also run fused: one
-// step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one more. Compiled into ggml-cpu by the project's CMakeLists.txt;
-// ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into ggml-cpu.c.
+// step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one
+// more; the scale vectors ride along in the table builds and the GEMV's stores. Compiled into ggml-cpu by the
+// project's CMakeLists.txt; ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into ggml-cpu.c.
 #include "nq1-lut-ggml.h"
 #include "nq1-lut.h"
 
@@ -30,9 +31,9 @@ size_t align_up(size_t n) {
     return (n + ALIGN - 1) / ALIGN * ALIGN;
 }
 
-// one thread's scratch in a fused layer: scaled activations of every column, then their tables
+// one thread's scratch in a fused layer: the tables of every column
 size_t fused_thread_bytes(int64_t k, int64_t n_cols) {
-    return align_up((size_t) (n_cols * k) * sizeof(float)) + align_up(nq1_lut_tables_size(k) * (size_t) n_cols);
+    return align_up(nq1_lut_tables_size(k) * (size_t) n_cols);
 }
 
 // Work buffer of a fused layer: the rank-sized intermediate of all columns, then one scratch per thread. Each NQ1
@@ -89,7 +90,7 @@ class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
         share(n_cols * n_blocks, begin, end);
         for (int64_t c = begin / n_blocks; c < n_cols && c * n_blocks < end; c++) {
             const int64_t b0 = std::max(begin - c * n_blocks, (int64_t) 0), b1 = std::min(end - c * n_blocks, n_blocks);
-            nq1_lut_build((const float *) column(x, c), k, b0, b1, tables + c * table_size);
+            nq1_lut_build((const float *) column(x, c), nullptr, k, b0, b1, tables + c * table_size);
         }
         ggml_barrier(params->threadpool);
 
@@ -97,7 +98,7 @@ class nq1_lut_traits : public ggml::cpu::repack::tensor_traits_base {
         share(n_cols * n_tiles, begin, end);
         for (int64_t c = begin / n_tiles; c < n_cols && c * n_tiles < end; c++) {
             const int64_t t0 = std::max(begin - c * n_tiles, (int64_t) 0), t1 = std::min(end - c * n_tiles, n_tiles);
-            nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + c * table_size,
+            nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + c * table_size, nullptr,
                          (float *) column(op, c) + t0 * NQ1_LUT_TILE);
         }
         return true;
@@ -147,13 +148,6 @@ struct lowrank_chain {
     }
 };
 
-// y[rows of tiles t0..t1] *= s for one column
-void scale_rows(float * y, const float * s, int64_t t0, int64_t t1) {
-    for (int64_t i = t0 * NQ1_LUT_TILE; i < t1 * NQ1_LUT_TILE; i++) {
-        y[i] *= s[i];
-    }
-}
-
 // Same arithmetic as the unfused ops (the scale products are single roundings either way), so the fused layer is
 // bit-identical to the five ops.
 void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) {
@@ -181,18 +175,10 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
     };
     // every thread builds the tables of all columns of `in` (scaled by `scale` when given) in its own scratch
     const auto build_tables = [&](const char * in, size_t in_stride, const float * scale, int64_t k) -> char * {
-        char * scratch = scratch_base + (size_t) ith * fused_thread_bytes(k, n_cols);
-        float * scaled = (float *) scratch;
-        char * tables = scratch + align_up((size_t) (n_cols * k) * sizeof(float));
+        char * tables = scratch_base + (size_t) ith * fused_thread_bytes(k, n_cols);
         for (int64_t col = 0; col < n_cols; col++) {
-            const float * src = (const float *) (in + col * in_stride);
-            if (scale) {
-                for (int64_t j = 0; j < k; j++) {
-                    scaled[col * k + j] = src[j] * scale[j];
-                }
-                src = scaled + col * k;
-            }
-            nq1_lut_build(src, k, 0, k / NQ1_LUT_BLOCK, tables + col * nq1_lut_tables_size(k));
+            nq1_lut_build((const float *) (in + col * in_stride), scale, k, 0, k / NQ1_LUT_BLOCK,
+                          tables + col * nq1_lut_tables_size(k));
         }
         return tables;
     };
@@ -205,12 +191,8 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
         for (int64_t col = begin / n_tiles; col < n_cols && col * n_tiles < end; col++) {
             const int64_t t0 = std::max(begin - col * n_tiles, (int64_t) 0);
             const int64_t t1 = std::min(end - col * n_tiles, n_tiles);
-            float * y = out + col * out_rows;
             nq1_lut_gemv((const uint8_t *) w->data, k, t0, t1, tables + col * nq1_lut_tables_size(k),
-                         y + t0 * NQ1_LUT_TILE);
-            if (scale) {
-                scale_rows(y, scale, t0, t1);
-            }
+                         scale ? scale + t0 * NQ1_LUT_TILE : nullptr, out + col * out_rows + t0 * NQ1_LUT_TILE);
         }
     };
 

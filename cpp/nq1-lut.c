@@ -85,12 +85,26 @@ void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, 
 // --- tables ---------------------------------------------------------------------------------------------------------
 // The scalar reference. Every SIMD build does the same IEEE operations on each value (no -ffast-math anywhere), so for
 // finite activations all builds write identical tables.
-void nq1_lut_build_ref(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
+// block b of x, times the scale vector where one is given: each product rounded once, as a separate multiply would
+static const float * scaled_block(const float * x, const float * scale, int64_t b, float * buffer) {
+    const float * xb = x + b * NQ1_LUT_BLOCK;
+    if (!scale) {
+        return xb;
+    }
+    for (int j = 0; j < NQ1_LUT_BLOCK; j++) {
+        buffer[j] = xb[j] * scale[b * NQ1_LUT_BLOCK + j];
+    }
+    return buffer;
+}
+
+void nq1_lut_build_ref(const float * x, const float * scale, int64_t k, int64_t block_begin, int64_t block_end,
+                       void * tables) {
     assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
     for (int64_t b = block_begin; b < block_end; b++) {
-        const float * xb = x + b * NQ1_LUT_BLOCK;
+        float buffer[NQ1_LUT_BLOCK];
+        const float * xb = scaled_block(x, scale, b, buffer);
         float sums[GROUPS][ENTRIES / 2];
         float amax = 0.0f;  // the largest |sum| of the block: rounding is monotonic, so no sum exceeds it
         for (int g = 0; g < GROUPS; g++) {
@@ -222,7 +236,8 @@ static void build_block_neon(const float * xb, float * scale, int8_t * table) {
 #endif
 
 // the one place that picks the table builder
-void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables) {
+void nq1_lut_build(const float * x, const float * scale, int64_t k, int64_t block_begin, int64_t block_end,
+                   void * tables) {
 #if defined(NQ1_LUT_AVX2) || defined(NQ1_LUT_NEON)
 #if defined(NQ1_LUT_AVX2)
     void (*const build_block)(const float *, float *, int8_t *) = build_block_avx2;
@@ -233,16 +248,17 @@ void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t bloc
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
     for (int64_t b = block_begin; b < block_end; b++) {
-        build_block(x + b * NQ1_LUT_BLOCK, scales + b, entries + b * GROUPS * ENTRIES);
+        float buffer[NQ1_LUT_BLOCK];
+        build_block(scaled_block(x, scale, b, buffer), scales + b, entries + b * GROUPS * ENTRIES);
     }
 #else
-    nq1_lut_build_ref(x, k, block_begin, block_end, tables);
+    nq1_lut_build_ref(x, scale, k, block_begin, block_end, tables);
 #endif
 }
 
 // --- kernels --------------------------------------------------------------------------------------------------------
 void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                      float * y) {
+                      const float * row_scale, float * y) {
     const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
     const float * scales = table_scales(tables);
     const int8_t * entries = table_entries(tables, k);
@@ -259,7 +275,8 @@ void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
                 }
                 acc = fmaf(scales[b], (float) sum, acc);
             }
-            y[(t - tile_begin) * NQ1_LUT_TILE + i] = acc;
+            const int64_t out = (t - tile_begin) * NQ1_LUT_TILE + i;
+            y[out] = row_scale ? acc * row_scale[out] : acc;
         }
     }
 }
@@ -269,7 +286,7 @@ void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
 // vpermi2b looks each nibble up in the block's 8 tables (128 bytes, two registers), the index's bits 4-6 naming the
 // group, and leaves a row's 8 entries of the block in its own lane, where vpdpbusd adds them exactly into int32.
 static void gemv_avx512(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                        float * y) {
+                        const float * row_scale, float * y) {
     const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
     const float * scales = table_scales(tables);
     const int8_t * entries = table_entries(tables, k);
@@ -295,14 +312,16 @@ static void gemv_avx512(const uint8_t * tiled, int64_t k, int64_t tile_begin, in
                 acc[h] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[h]);
             }
         }
-        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
-        _mm512_storeu_ps(out, acc[0]);
-        _mm512_storeu_ps(out + 16, acc[1]);
+        const int64_t out = (t - tile_begin) * NQ1_LUT_TILE;
+        for (int h = 0; h < 2; h++) {
+            const __m512 s = row_scale ? _mm512_loadu_ps(row_scale + out + 16 * h) : _mm512_set1_ps(1.0f);
+            _mm512_storeu_ps(y + out + 16 * h, _mm512_mul_ps(acc[h], s));
+        }
     }
 }
 #elif defined(NQ1_LUT_AVX2)
 static void gemv_avx2(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                      float * y) {
+                      const float * row_scale, float * y) {
     const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
     const float * scales = table_scales(tables);
     const int8_t * entries = table_entries(tables, k);
@@ -337,11 +356,12 @@ static void gemv_avx2(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
             acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum_b))), acc1);
             acc3 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum_b, 1))), acc3);
         }
-        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
-        _mm256_storeu_ps(out + 0, acc0);
-        _mm256_storeu_ps(out + 8, acc1);
-        _mm256_storeu_ps(out + 16, acc2);
-        _mm256_storeu_ps(out + 24, acc3);
+        const int64_t out = (t - tile_begin) * NQ1_LUT_TILE;
+        const __m256 acc[4] = { acc0, acc1, acc2, acc3 };
+        for (int q = 0; q < 4; q++) {
+            const __m256 s = row_scale ? _mm256_loadu_ps(row_scale + out + 8 * q) : _mm256_set1_ps(1.0f);
+            _mm256_storeu_ps(y + out + 8 * q, _mm256_mul_ps(acc[q], s));
+        }
     }
 }
 #endif
@@ -352,7 +372,7 @@ static inline float32x4_t fma_i32(float32x4_t acc, int32x4_t v, float d) {
 }
 
 static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                      float * y) {
+                      const float * row_scale, float * y) {
     const int64_t row_bytes = k / 8, n_blocks = k / NQ1_LUT_BLOCK;
     const float * scales = table_scales(tables);
     const int8_t * entries = table_entries(tables, k);
@@ -382,9 +402,10 @@ static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
                 acc[2 * q + 1] = fma_i32(acc[2 * q + 1], vmovl_high_s16(sum[q]), scales[b]);
             }
         }
-        float * out = y + (t - tile_begin) * NQ1_LUT_TILE;
+        const int64_t out = (t - tile_begin) * NQ1_LUT_TILE;
         for (int q = 0; q < 8; q++) {
-            vst1q_f32(out + 4 * q, acc[q]);
+            const float32x4_t s = row_scale ? vld1q_f32(row_scale + out + 4 * q) : vdupq_n_f32(1.0f);
+            vst1q_f32(y + out + 4 * q, vmulq_f32(acc[q], s));
         }
     }
 }
@@ -392,15 +413,15 @@ static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
 
 // the one place that picks the kernel
 void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                  float * y) {
+                  const float * row_scale, float * y) {
 #if defined(NQ1_LUT_AVX512)
-    gemv_avx512(tiled, k, tile_begin, tile_end, tables, y);
+    gemv_avx512(tiled, k, tile_begin, tile_end, tables, row_scale, y);
 #elif defined(NQ1_LUT_AVX2)
-    gemv_avx2(tiled, k, tile_begin, tile_end, tables, y);
+    gemv_avx2(tiled, k, tile_begin, tile_end, tables, row_scale, y);
 #elif defined(NQ1_LUT_NEON)
-    gemv_neon(tiled, k, tile_begin, tile_end, tables, y);
+    gemv_neon(tiled, k, tile_begin, tile_end, tables, row_scale, y);
 #else
-    nq1_lut_gemv_ref(tiled, k, tile_begin, tile_end, tables, y);
+    nq1_lut_gemv_ref(tiled, k, tile_begin, tile_end, tables, row_scale, y);
 #endif
 }
 

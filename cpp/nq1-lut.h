@@ -30,18 +30,21 @@ size_t nq1_lut_tables_size(int64_t k);
 void nq1_lut_repack(const uint8_t * canonical, uint8_t * tiled, int64_t n_rows, int64_t k);
 void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, int64_t k);
 
-// tables of blocks [block_begin, block_end) of one activation vector x of length k (finite values)
-void nq1_lut_build(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables);
+// tables of blocks [block_begin, block_end) of one activation vector x of length k (finite values), or of x times the
+// vector `scale` (of length k; NULL: none), each product rounded once as a separate multiply would
+void nq1_lut_build(const float * x, const float * scale, int64_t k, int64_t block_begin, int64_t block_end,
+                   void * tables);
 // the scalar reference of nq1_lut_build: every build writes the same bytes
-void nq1_lut_build_ref(const float * x, int64_t k, int64_t block_begin, int64_t block_end, void * tables);
+void nq1_lut_build_ref(const float * x, const float * scale, int64_t k, int64_t block_begin, int64_t block_end,
+                       void * tables);
 
-// y[i] = sum_j sign(W[tile_begin*TILE + i, j]) * x[j] for the rows of tiles [tile_begin, tile_end), from one
-// vector's tables; y gets (tile_end - tile_begin) * NQ1_LUT_TILE values.
+// y[i] = row_scale[i] * sum_j sign(W[tile_begin*TILE + i, j]) * x[j] for the rows of tiles [tile_begin, tile_end),
+// from one vector's tables; y and row_scale (NULL: none) have (tile_end - tile_begin) * NQ1_LUT_TILE values.
 void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                  float * y);
+                  const float * row_scale, float * y);
 // the scalar reference of nq1_lut_gemv
 void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
-                      float * y);
+                      const float * row_scale, float * y);
 
 // which nq1_lut_gemv this build selected: "avx2", "neon" or "scalar"
 const char * nq1_lut_kernel_name(void);

@@ -32,12 +32,15 @@ static float tie_value(int64_t j) {
     return v == 0 && (next_u32() & 1) ? -0.0f : (float) v;
 }
 
-static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
+// scaled: the activations times a scale vector and the rows times another, as the fused layer passes s_pre and s_post
+static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties, int scaled) {
     const int64_t row_bytes = k / 8;
     uint8_t * canonical = malloc(n_rows * row_bytes), * tiled = malloc(n_rows * row_bytes);
     uint8_t * back = malloc(n_rows * row_bytes);
     float * x = malloc(k * sizeof(float)), * y = malloc(n_rows * sizeof(float)), * y_ref = malloc(n_rows * sizeof(float));
     void * tables = malloc(nq1_lut_tables_size(k)), * tables_ref = malloc(nq1_lut_tables_size(k));
+    float * scale = malloc(k * sizeof(float)), * row_scale = malloc(n_rows * sizeof(float));
+    float * xs = malloc(k * sizeof(float));  // the activations the tables stand for
     for (int64_t i = 0; i < n_rows * row_bytes; i++) {
         canonical[i] = (uint8_t) next_u32();
     }
@@ -47,7 +50,13 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
         if (outliers && next_u32() % 97 == 0) {
             x[j] *= 60.0f;
         }
+        scale[j] = scaled ? next_normal() : 1.0f;
+        xs[j] = x[j] * scale[j];
     }
+    for (int64_t i = 0; i < n_rows; i++) {
+        row_scale[i] = scaled ? next_normal() : 1.0f;
+    }
+    const float * build_scale = scaled ? scale : NULL, * gemv_scale = scaled ? row_scale : NULL;
     nq1_lut_repack(canonical, tiled, n_rows, k);
     nq1_lut_unpack(tiled, back, n_rows, k);
     int ok = memcmp(canonical, back, n_rows * row_bytes) == 0;
@@ -58,9 +67,9 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
     const size_t table_bytes = nq1_lut_tables_size(k);
     memset(tables, 0x5A, table_bytes);
     memset(tables_ref, 0xA5, table_bytes);  // different fill: padding bytes are not compared
-    nq1_lut_build(x, k, 0, k / NQ1_LUT_BLOCK / 2, tables);
-    nq1_lut_build(x, k, k / NQ1_LUT_BLOCK / 2, k / NQ1_LUT_BLOCK, tables);
-    nq1_lut_build_ref(x, k, 0, k / NQ1_LUT_BLOCK, tables_ref);
+    nq1_lut_build(x, build_scale, k, 0, k / NQ1_LUT_BLOCK / 2, tables);
+    nq1_lut_build(x, build_scale, k, k / NQ1_LUT_BLOCK / 2, k / NQ1_LUT_BLOCK, tables);
+    nq1_lut_build_ref(x, build_scale, k, 0, k / NQ1_LUT_BLOCK, tables_ref);
     const size_t scale_bytes = (size_t) (k / NQ1_LUT_BLOCK) * sizeof(float), entry_bytes = (size_t) k / 4 * 16;
     if (memcmp(tables, tables_ref, scale_bytes) != 0 ||
         memcmp((char *) tables + table_bytes - entry_bytes, (char *) tables_ref + table_bytes - entry_bytes,
@@ -70,9 +79,10 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
                (long long) n_rows, (long long) k);
     }
     const int64_t n_tiles = n_rows / NQ1_LUT_TILE, split = n_tiles / 2;
-    nq1_lut_gemv_ref(tiled, k, 0, n_tiles, tables, y_ref);
-    nq1_lut_gemv(tiled, k, 0, split, tables, y);  // two calls, as two threads would make them
-    nq1_lut_gemv(tiled, k, split, n_tiles, tables, y + split * NQ1_LUT_TILE);
+    nq1_lut_gemv_ref(tiled, k, 0, n_tiles, tables, gemv_scale, y_ref);
+    nq1_lut_gemv(tiled, k, 0, split, tables, gemv_scale, y);  // two calls, as two threads would make them
+    nq1_lut_gemv(tiled, k, split, n_tiles, tables, scaled ? row_scale + split * NQ1_LUT_TILE : NULL,
+                 y + split * NQ1_LUT_TILE);
     if (memcmp(y, y_ref, n_rows * sizeof(float)) != 0) {
         ok = 0;
         for (int64_t i = 0; i < n_rows; i++) {
@@ -92,7 +102,7 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
             for (int64_t g = 0; g < NQ1_LUT_BLOCK / 4; g++) {
                 double s = 0.0;
                 for (int e = 0; e < 4; e++) {
-                    s += fabs(x[b * NQ1_LUT_BLOCK + 4 * g + e]);
+                    s += fabs(xs[b * NQ1_LUT_BLOCK + 4 * g + e]);
                 }
                 amax = s > amax ? s : amax;
             }
@@ -100,8 +110,10 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
         }
         for (int64_t j = 0; j < k; j++) {
             const int neg = (canonical[i * row_bytes + j / 8] >> (j % 8)) & 1;
-            exact += neg ? -x[j] : x[j];
+            exact += neg ? -xs[j] : xs[j];
         }
+        exact *= row_scale[i];
+        bound *= fabs(row_scale[i]) * 1.0001;
         const double err = fabs(exact - y_ref[i]);
         if (err > bound) {
             ok = 0;
@@ -110,10 +122,11 @@ static int check(int64_t n_rows, int64_t k, int outliers, int zeros, int ties) {
         }
         worst = err / (bound > 0 ? bound : 1) > worst ? err / (bound > 0 ? bound : 1) : worst;
     }
-    printf("%s n_rows=%lld k=%lld outliers=%d zeros=%d ties=%d: %s (worst error %.2f of the bound)\n",
-           nq1_lut_kernel_name(), (long long) n_rows, (long long) k, outliers, zeros, ties, ok ? "ok" : "FAILED",
-           worst);
+    printf("%s n_rows=%lld k=%lld outliers=%d zeros=%d ties=%d scaled=%d: %s (worst error %.2f of the bound)\n",
+           nq1_lut_kernel_name(), (long long) n_rows, (long long) k, outliers, zeros, ties, scaled,
+           ok ? "ok" : "FAILED", worst);
     free(canonical); free(tiled); free(back); free(x); free(y); free(y_ref); free(tables); free(tables_ref);
+    free(scale); free(row_scale); free(xs);
     return ok;
 }
 
@@ -125,14 +138,16 @@ int main(void) {
     };
     int ok = 1;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
-        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 0);
-        ok &= check(shapes[s][0], shapes[s][1], 1, 1, 0);
-        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 1);
+        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 0, 0);
+        ok &= check(shapes[s][0], shapes[s][1], 1, 1, 0, 0);
+        ok &= check(shapes[s][0], shapes[s][1], 0, 0, 1, 0);
+        ok &= check(shapes[s][0], shapes[s][1], 1, 0, 0, 1);
     }
     for (int r = 0; r < 20; r++) {  // random multiples of 32
         const int64_t n_rows = 32 * (1 + next_u32() % 24), k = 32 * (1 + next_u32() % 48);
         const int outliers = (int) (next_u32() & 1), zeros = (int) (next_u32() & 1);
-        ok &= check(n_rows, k, outliers, zeros, (int) (next_u32() % 3 == 0));
+        const int ties = (int) (next_u32() % 3 == 0), scaled = (int) (next_u32() & 1);
+        ok &= check(n_rows, k, outliers, zeros, ties, scaled);
     }
     printf(ok ? "all ok\n" : "SOME CHECKS FAILED\n");
     return ok ? 0 : 1;
