@@ -3,7 +3,8 @@
 // Decode-sized NanoQuant layers (s_pre, V, [s_mid], U, s_post: the chain of ggml_patches/0002) also run fused: one
 // step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one
 // more; the scale vectors ride along in the table builds and the GEMV's stores. Compiled into ggml-cpu by the
-// project's CMakeLists.txt; ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into ggml-cpu.c.
+// project's CMakeLists.txt; ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into
+// ggml-cpu.c.
 #include "nq1-lut-ggml.h"
 #include "nq1-lut.h"
 
