@@ -283,10 +283,16 @@ def row_sign_bpw(path: Path) -> float:
     return sum(o * i + 16 * o for o, i in shapes) / sum(o * i for o, i in shapes)
 
 
+# the widest vector extension the NQ1 table-lookup kernel uses on this CPU (cpp/nq1-lut.c), by /proc/cpuinfo flags
+SIMD_LEVELS = (("AVX-512", {"avx512vbmi", "avx512_vnni"}), ("AVX2", {"avx2", "fma"}), ("NEON", {"asimd"}))
+
+
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores"
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), []))
+    simd = next((name for name, needed in SIMD_LEVELS if needed <= flags), "no SIMD")
+    return f"{cpu}, {os.cpu_count()} cores, {simd}"
 
 
 def markdown(rows: list[dict], bench: Bench) -> str:
