@@ -85,13 +85,16 @@ void nq1_lut_unpack(const uint8_t * tiled, uint8_t * canonical, int64_t n_rows, 
 // --- tables ---------------------------------------------------------------------------------------------------------
 // The scalar reference. Every SIMD build does the same IEEE operations on each value (no -ffast-math anywhere), so for
 // finite activations all builds write identical tables.
-// block b of x, times the scale vector where one is given: each product rounded once, as a separate multiply would
-static const float * scaled_block(const float * x, const float * scale, int64_t b, float * buffer) {
+#define MAX_BUILD_BLOCKS 2  // the most blocks one table-builder call takes
+
+// blocks b .. b+n-1 of x, times the scale vector where one is given: each product rounded once, as a separate
+// multiply would
+static const float * scaled_blocks(const float * x, const float * scale, int64_t b, int n, float * buffer) {
     const float * xb = x + b * NQ1_LUT_BLOCK;
     if (!scale) {
         return xb;
     }
-    for (int j = 0; j < NQ1_LUT_BLOCK; j++) {
+    for (int j = 0; j < n * NQ1_LUT_BLOCK; j++) {
         buffer[j] = xb[j] * scale[b * NQ1_LUT_BLOCK + j];
     }
     return buffer;
@@ -104,7 +107,7 @@ void nq1_lut_build_ref(const float * x, const float * scale, int64_t k, int64_t 
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
     for (int64_t b = block_begin; b < block_end; b++) {
         float buffer[NQ1_LUT_BLOCK];
-        const float * xb = scaled_block(x, scale, b, buffer);
+        const float * xb = scaled_blocks(x, scale, b, 1, buffer);
         float sums[GROUPS][ENTRIES / 2];
         float amax = 0.0f;  // the largest |sum| of the block: rounding is monotonic, so no sum exceeds it
         for (int g = 0; g < GROUPS; g++) {
@@ -195,6 +198,61 @@ static void build_block_avx2(const float * xb, float * scale, int8_t * table) {
 }
 #endif
 
+#if defined(NQ1_LUT_AVX512)
+// The tables of two blocks at once, the same operations per value as build_block_avx2 (see there) with lanes =
+// 16 groups: after the in-lane transpose 128-bit lane L holds groups L, 4+L (first block) and 8+L, 12+L (second), so
+// each block's amax is the max over two positions of all four lanes, and the four stores come out in group order.
+static void build_pair_avx512(const float * xb, float * scale, int8_t * table) {
+    const __m512 l0 = _mm512_loadu_ps(xb), l1 = _mm512_loadu_ps(xb + 16);
+    const __m512 l2 = _mm512_loadu_ps(xb + 32), l3 = _mm512_loadu_ps(xb + 48);
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(l0, l1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(l0, l1));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(l2, l3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(l2, l3));
+    const __m512 x0 = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), x1 = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    const __m512 x2 = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), x3 = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    const __m512 a[2] = { _mm512_add_ps(x3, x2), _mm512_sub_ps(x3, x2) };
+    __m512 e[ENTRIES / 2];
+    for (int n = 0; n < ENTRIES / 2; n += 2) {
+        const __m512 b = (n & 2) ? _mm512_sub_ps(a[n >> 2], x1) : _mm512_add_ps(a[n >> 2], x1);
+        e[n] = _mm512_add_ps(b, x0);
+        e[n + 1] = _mm512_sub_ps(b, x0);
+    }
+    __m512 abs_e[ENTRIES / 2];
+    for (int n = 0; n < ENTRIES / 2; n++) {
+        abs_e[n] = _mm512_abs_ps(e[n]);
+    }
+    __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(abs_e[0], abs_e[1]), _mm512_max_ps(abs_e[2], abs_e[3])),
+                             _mm512_max_ps(_mm512_max_ps(abs_e[4], abs_e[5]), _mm512_max_ps(abs_e[6], abs_e[7])));
+    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0x4E));  // over the four lanes
+    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+    m = _mm512_max_ps(m, _mm512_shuffle_ps(m, m, 0xB1));     // positions 0-1: first block, 2-3: second
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(127.0f), m);
+    const __m128 d = _mm_div_ps(_mm512_castps512_ps128(m), _mm_set1_ps(127.0f));
+    scale[0] = _mm_cvtss_f32(d);
+    scale[1] = _mm_cvtss_f32(_mm_movehl_ps(d, d));
+    const __m512i group_major = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i group_major_reversed = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3));
+    __m512i r[4];  // r[i]: entries 4i..4i+3 of every group, [group][entry] per lane
+    for (int i = 0; i < 2; i++) {
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(e[4 * i], inv));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(e[4 * i + 1], inv));
+        const __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(e[4 * i + 2], inv));
+        const __m512i q3 = _mm512_cvtps_epi32(_mm512_mul_ps(e[4 * i + 3], inv));
+        const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
+        r[i] = _mm512_shuffle_epi8(p, group_major);
+        r[3 - i] = _mm512_shuffle_epi8(_mm512_sub_epi8(_mm512_setzero_si512(), p), group_major_reversed);
+    }
+    const __m512i u0 = _mm512_unpacklo_epi32(r[0], r[1]), u1 = _mm512_unpackhi_epi32(r[0], r[1]);
+    const __m512i u2 = _mm512_unpacklo_epi32(r[2], r[3]), u3 = _mm512_unpackhi_epi32(r[2], r[3]);
+    _mm512_storeu_si512(table, _mm512_unpacklo_epi64(u0, u2));
+    _mm512_storeu_si512(table + 64, _mm512_unpackhi_epi64(u0, u2));
+    _mm512_storeu_si512(table + 128, _mm512_unpacklo_epi64(u1, u3));
+    _mm512_storeu_si512(table + 192, _mm512_unpackhi_epi64(u1, u3));
+}
+#endif
+
 #if defined(NQ1_LUT_NEON)
 // The tables of one block with lanes = groups, the same operations as build_block_avx2 (see there).
 static void build_block_neon(const float * xb, float * scale, int8_t * table) {
@@ -239,17 +297,29 @@ static void build_block_neon(const float * xb, float * scale, int8_t * table) {
 void nq1_lut_build(const float * x, const float * scale, int64_t k, int64_t block_begin, int64_t block_end,
                    void * tables) {
 #if defined(NQ1_LUT_AVX2) || defined(NQ1_LUT_NEON)
-#if defined(NQ1_LUT_AVX2)
-    void (*const build_block)(const float *, float *, int8_t *) = build_block_avx2;
-#else
-    void (*const build_block)(const float *, float *, int8_t *) = build_block_neon;
+    // widest first: each takes as many blocks at a time as it can, the next one the rest
+    static const struct {
+        void (*build)(const float * xb, float * scales, int8_t * tables);
+        int blocks;
+    } builders[] = {
+#if defined(NQ1_LUT_AVX512)
+        { build_pair_avx512, 2 },
 #endif
+#if defined(NQ1_LUT_AVX2)
+        { build_block_avx2, 1 },
+#else
+        { build_block_neon, 1 },
+#endif
+    };
     assert(k % NQ1_LUT_BLOCK == 0 && 0 <= block_begin && block_begin <= block_end && block_end <= k / NQ1_LUT_BLOCK);
     float * scales = (float *) tables;
     int8_t * entries = (int8_t *) tables + scales_bytes(k);
-    for (int64_t b = block_begin; b < block_end; b++) {
-        float buffer[NQ1_LUT_BLOCK];
-        build_block(scaled_block(x, scale, b, buffer), scales + b, entries + b * GROUPS * ENTRIES);
+    int64_t b = block_begin;
+    for (size_t i = 0; i < sizeof(builders) / sizeof(builders[0]); i++) {
+        for (const int n = builders[i].blocks; b + n <= block_end; b += n) {
+            float buffer[MAX_BUILD_BLOCKS * NQ1_LUT_BLOCK];
+            builders[i].build(scaled_blocks(x, scale, b, n, buffer), scales + b, entries + b * GROUPS * ENTRIES);
+        }
     }
 #else
     nq1_lut_build_ref(x, scale, k, block_begin, block_end, tables);
