@@ -1,20 +1,23 @@
 """Kernel benchmark: one layer's product, NanoQuant against llama.cpp's types, on ggml's CPU backend in this process.
 
-    .venv/bin/python bench/kernels.py [--reps 7] [--threads 1 2] [--batches 1 128] [--shapes smollm2 large]
-                                      [--copies 8]
+    .venv/bin/python bench/kernels.py [--reps 7] [--threads 1 2] [--batches 1 128] [--shapes smollm2 large stream]
+                                      [--copies 8] [--out FILE]
+    .venv/bin/python bench/kernels.py --table FILE     # the README's markdown table of a results file
 
-A NanoQuant layer of d_out x d_in at a given bpw is the graph llama.cpp runs for it (s_pre, V, U, s_post as the converter
-writes by default; rank from the method's rank rule); a llama.cpp type is one mul_mat of the dense d_out x d_in weight (types whose block
-does not divide d_in are left out). Weights are random (speed only) and placed as llama.cpp places them with repacking
-on (CPU_REPACK where ggml has a repacked kernel: Q4_0, NQ1). Every repetition runs every configuration once, in turn,
-so drift on the machine hits all of them alike; the table gives medians. Memory bandwidth is measured by streaming a
-1 GiB buffer with numpy (one thread) and reported with the large shapes.
+A NanoQuant layer of d_out x d_in at a given bpw is the graph llama.cpp runs for it (s_pre, V, U, s_post as the
+converter writes by default; rank from the method's rank rule); a llama.cpp type is one mul_mat of the dense
+d_out x d_in weight (types whose block does not divide d_in are left out). Weights are random (speed only) and placed
+as llama.cpp places them with repacking on (CPU_REPACK where ggml has a repacked kernel: Q4_0, NQ1). Every repetition
+runs every configuration once, in turn, so drift on the machine hits all of them alike; the table gives medians.
+Memory bandwidth is measured by numpy threads each summing 512 MiB, and reported with the large shapes.
 Each timed graph holds `--copies` layers of the SmolLM2 shapes (each with its own weights, all on the same input, as
 q/k/v are) and one of the large shapes: inside llama.cpp a product is one of hundreds in a token's graph, so the cost
 of starting a graph (waking the threads, some microseconds) is not the product's; with one small product per graph it
 would be most of what is timed. The time per product is the graph's time divided by its copies. `--copies 1` gives
-the one-product-per-graph figures.
-Writes bench/results/kernels.json: a list of {shape, d_out, d_in, type, bpw, threads, batch, median_us, repacked}.
+the one-product-per-graph figures. One large layer at 1 bpw (2-6 MB) can stay in a big last-level cache from one
+repetition to the next; the "stream" shapes (4096x4096, 32 copies, NQ and Q4_0, batch 1) read from memory.
+Writes bench/results/kernels.json (or --out): {read_bandwidth_gbs, machine, rows: a list of {shape, d_out, d_in, type,
+bpw, threads, batch, median_us, repacked, copies, rank}}.
 """
 from __future__ import annotations
 
@@ -37,8 +40,12 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
     "large": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "stream": [(4096, 4096)],
 }
-COPIES = {"smollm2": 8, "large": 1}  # layers per timed graph (see above); --copies overrides the SmolLM2 shapes'
+# layers per timed graph (see above); --copies overrides the SmolLM2 shapes'. "stream": 32 layers of NQ-1.0 are 64 MiB,
+# twice a 32 MiB L3, so each product reads its weights from memory, not from a cache the last repetition filled
+COPIES = {"smollm2": 8, "large": 1, "stream": 32}
+STREAM_TYPES = ["NQ-1.0", "NQ-0.55", "Q4_0"]  # the "stream" group's types, batch 1 only
 LLAMA_TYPES = ["F16", "Q8_0", "Q4_0", "Q2_K", "TQ1_0", "TQ2_0", "IQ1_S", "Q1_0"]
 NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
 BLOCK = {name: T[name] for name in LLAMA_TYPES}
@@ -54,16 +61,18 @@ def bits_per_weight(type_name: str) -> float:
 def configs(shapes, threads, batches):
     from gguf.constants import GGML_QUANT_SIZES
     for group in shapes:
+        stream = group == "stream"
         for d_out, d_in in SHAPES[group]:
             for n_threads in threads:
-                for batch in batches:
-                    base = {"shape": f"{d_out}x{d_in}", "d_out": d_out, "d_in": d_in, "threads": n_threads,
+                for batch in [1] if stream else batches:
+                    label = f"{d_out}x{d_in}" + (f" x{COPIES[group]} copies" if stream else "")
+                    base = {"shape": label, "d_out": d_out, "d_in": d_in, "threads": n_threads,
                             "batch": batch, "group": group, "copies": COPIES[group]}
                     for name, bpw in NQ_BPW.items():
                         rank = rank_for_bpw(d_out, d_in, bpw)
                         yield {**base, "type": name, "bpw": LayerBits(d_out, d_in, rank).bpw, "rank": rank}
                     for name in LLAMA_TYPES:
-                        if d_in % GGML_QUANT_SIZES[T[name]][0] == 0:
+                        if (not stream or name in STREAM_TYPES) and d_in % GGML_QUANT_SIZES[T[name]][0] == 0:
                             yield {**base, "type": name, "bpw": bits_per_weight(name), "rank": 0}
 
 
@@ -97,7 +106,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--copies", type=int, default=COPIES["smollm2"], help="layers per timed graph, SmolLM2 shapes")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kernels.json")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="time nothing: print the markdown table of a results file this script wrote")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())), end="")
+        return 0
     COPIES["smollm2"] = args.copies
 
     cfgs = list(configs(args.shapes, args.threads, args.batches))
@@ -123,7 +137,8 @@ def main(argv=None) -> int:
     report(rows, bandwidth)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".partial")
-    tmp.write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "rows": rows}, indent=1) + "\n")
+    from quality import machine
+    tmp.write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "machine": machine(), "rows": rows}, indent=1) + "\n")
     tmp.replace(args.out)
     print(f"wrote {args.out}")
     return 0
@@ -140,12 +155,36 @@ def report(rows, bandwidth):
         nq = group["NQ-1.0"]["median_us"]
         cells = [f"{t} {r['median_us']:.1f}us ({r['median_us'] / nq:.2f}x)" for t, r in group.items()]
         print(f"{shape:>11} t{threads} b{batch:<4} " + " | ".join(cells))
-        if batch == 1 and group["NQ-1.0"]["d_out"] * group["NQ-1.0"]["d_in"] >= 1 << 24:  # beyond the caches
+        if batch == 1 and group["NQ-1.0"]["d_out"] * group["NQ-1.0"]["d_in"] >= 1 << 24:
             nq_row = group["NQ-1.0"]
             weight_bytes = nq_row["bpw"] * nq_row["d_out"] * nq_row["d_in"] / 8
-            print(f"{'':>21} NQ-1.0 streams {weight_bytes / nq / 1e3:.1f} GB/s of weights "
+            where = "from memory" if nq_row["copies"] > 1 else "(one layer: it may stay in the last-level cache)"
+            print(f"{'':>21} NQ-1.0 reads {weight_bytes / nq / 1e3:.1f} GB/s of weights {where} "
                   f"({100 * weight_bytes / nq / 1e3 / bandwidth[threads]:.0f}% of the measured {threads}-thread read "
                   f"bandwidth)")
+
+
+TABLE_TYPES = ["Q4_0", "TQ1_0", "IQ1_S", "Q1_0"]  # ratio columns: NQ-1.0 against these
+
+
+def markdown(results: dict) -> str:
+    """The README's table of a results file: NQ times, Q4_0's, and the ratios (type's time / NQ-1.0's)."""
+    bandwidth = ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in results["read_bandwidth_gbs"].items())
+    lines = [f"Median microseconds per product; ratio = type's time / NQ-1.0's (\"-\": the type's block does not "
+             f"divide d_in). Machine: {results.get('machine', 'not recorded')}; numpy read {bandwidth}.", "",
+             "| shape (d_out x d_in) | threads | batch | NQ-1.0 us | NQ-0.55 us | Q4_0 us | "
+             + " | ".join(f"{t} / NQ-1.0" for t in TABLE_TYPES) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(TABLE_TYPES)]
+    groups = {}
+    for r in results["rows"]:
+        groups.setdefault((r["shape"], r["threads"], r["batch"]), {})[r["type"]] = r["median_us"]
+    order = sorted(groups, key=lambda key: (key[2], key[1]))  # batch, then threads; shapes in run order
+    for shape, threads, batch in order:
+        us = groups[(shape, threads, batch)]
+        ratios = [f"{us[t] / us['NQ-1.0']:.2f}" if t in us else "-" for t in TABLE_TYPES]
+        lines.append(f"| {shape} | {threads} | {batch} | {us['NQ-1.0']:.1f} | {us['NQ-0.55']:.1f} | {us['Q4_0']:.1f} | "
+                     + " | ".join(ratios) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -83,3 +83,24 @@ def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
     else:
         raise AssertionError("an unknown --head type must stop the benchmark")
     assert "--head: unknown ggml type 'q9_9'" in capsys.readouterr().err
+
+
+def test_kernel_table_and_the_memory_streaming_shapes():
+    sys.path.insert(0, str(REPO / "bench"))
+    import kernels
+
+    # the stream group: only NQ and Q4_0, batch 1, enough copies to leave a 32 MiB cache behind, its own label
+    stream = list(kernels.configs(["stream"], [1, 2], [1, 128]))
+    assert {c["type"] for c in stream} == set(kernels.STREAM_TYPES) and {c["batch"] for c in stream} == {1}
+    assert all(c["copies"] == kernels.COPIES["stream"] and c["shape"].endswith("copies") for c in stream)
+    nq = stream[0]
+    assert nq["type"] == "NQ-1.0" and nq["copies"] * nq["bpw"] * nq["d_out"] * nq["d_in"] / 8 >= 2 * 32 << 20
+
+    def row(shape, type_name, us):
+        return dict(shape=shape, threads=1, batch=1, type=type_name, median_us=us)
+
+    table = kernels.markdown({"read_bandwidth_gbs": {"1": 30.0}, "machine": "M",
+                              "rows": [row("64x64", "NQ-1.0", 2.0), row("64x64", "NQ-0.55", 1.0),
+                                       row("64x64", "Q4_0", 9.0), row("64x64", "IQ1_S", 20.0)]})
+    assert "Machine: M; numpy read 1 thread(s) 30.0 GB/s." in table
+    assert "| 64x64 | 1 | 1 | 2.0 | 1.0 | 9.0 | 4.50 | - | 10.00 | - |" in table
