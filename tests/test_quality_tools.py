@@ -1,4 +1,5 @@
 """The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline."""
+import importlib.util
 import subprocess
 import sys
 
@@ -86,8 +87,10 @@ def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
 
 
 def test_kernel_table_and_the_memory_streaming_shapes():
-    sys.path.insert(0, str(REPO / "bench"))
-    import kernels
+    # by file: tests/kernels/ (the C kernel tests) would shadow a plain `import kernels`
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
 
     # the stream group: only NQ and Q4_0, batch 1, enough copies to leave a 32 MiB cache behind, its own label
     stream = list(kernels.configs(["stream"], [1, 2], [1, 128]))
