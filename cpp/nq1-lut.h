@@ -9,7 +9,8 @@
 // chunk is one byte, so one lookup serves 16 rows at once; for AVX-512 (vpermi2b over a block's 8 tables) a chunk is
 // one block, 4 bytes. The layout is thus fixed by the kernel the build selects, and only nq1_lut_* read it.
 //
-// Every path forms the same exact int16 sum per row and block and accumulates the blocks with fused multiply-adds in
+// Every path forms the same exact integer sum per row and block (int16 or int32, as the kernel's width allows; the
+// value is the same) and accumulates the blocks with fused multiply-adds in
 // the same order, so SIMD results equal the scalar reference bit for bit.
 #pragma once
 
@@ -46,7 +47,7 @@ void nq1_lut_gemv(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t 
 void nq1_lut_gemv_ref(const uint8_t * tiled, int64_t k, int64_t tile_begin, int64_t tile_end, const void * tables,
                       const float * row_scale, float * y);
 
-// which nq1_lut_gemv this build selected: "avx2", "neon" or "scalar"
+// which nq1_lut_gemv this build selected: "avx512", "avx2", "neon" or "scalar"
 const char * nq1_lut_kernel_name(void);
 
 #ifdef __cplusplus
