@@ -375,11 +375,11 @@ static void gemv_avx512(const uint8_t * tiled, int64_t k, int64_t tile_begin, in
             const __m512i t0 = _mm512_loadu_si512(entries + b * GROUPS * ENTRIES);
             const __m512i t1 = _mm512_loadu_si512(entries + b * GROUPS * ENTRIES + 64);
             const __m512 d = _mm512_set1_ps(scales[b]);
-            const uint8_t * block = tile + b * NQ1_LUT_TILE * CHUNK;  // 128 bytes: two cache lines
+            const uint8_t * block = tile + tiled_offset(0, b * CHUNK);  // 128 bytes: two cache lines
             _mm_prefetch((const char *) block + PREFETCH_AHEAD, _MM_HINT_T0);
             _mm_prefetch((const char *) block + PREFETCH_AHEAD + 64, _MM_HINT_T0);
             for (int h = 0; h < 2; h++) {
-                const __m512i w = _mm512_loadu_si512(block + 16 * h * CHUNK);
+                const __m512i w = _mm512_loadu_si512(tile + tiled_offset(16 * h, b * CHUNK));
                 const __m512i idx_lo = _mm512_ternarylogic_epi32(w, low_nibble, group_lo, nibble_or_group);
                 const __m512i idx_hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low_nibble, group_hi,
                                                                  nibble_or_group);
@@ -416,7 +416,7 @@ static void gemv_avx2(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
             __m256i sum_a = _mm256_setzero_si256(), sum_b = _mm256_setzero_si256();
             for (int jj = 0; jj < NQ1_LUT_BLOCK / 8; jj++) {
                 const int64_t j = b * (NQ1_LUT_BLOCK / 8) + jj;
-                const __m256i w = _mm256_loadu_si256((const __m256i *) (tile + j * NQ1_LUT_TILE));
+                const __m256i w = _mm256_loadu_si256((const __m256i *) (tile + tiled_offset(0, j)));
                 const __m256i lo = _mm256_and_si256(w, low_nibble);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low_nibble);
                 const __m256i t_lo = _mm256_broadcastsi128_si256(
@@ -468,7 +468,7 @@ static void gemv_neon(const uint8_t * tiled, int64_t k, int64_t tile_begin, int6
                 const int8x16_t t_lo = vld1q_s8(entries + (2 * j) * ENTRIES);
                 const int8x16_t t_hi = vld1q_s8(entries + (2 * j + 1) * ENTRIES);
                 for (int h = 0; h < 2; h++) {  // rows 16h .. 16h+15
-                    const uint8x16_t w = vld1q_u8(tile + j * NQ1_LUT_TILE + 16 * h);
+                    const uint8x16_t w = vld1q_u8(tile + tiled_offset(16 * h, j));
                     const int8x16_t v_lo = vqtbl1q_s8(t_lo, vandq_u8(w, low_nibble));
                     const int8x16_t v_hi = vqtbl1q_s8(t_hi, vshrq_n_u8(w, 4));
                     sum[2 * h] = vaddq_s16(sum[2 * h], vaddl_s8(vget_low_s8(v_lo), vget_low_s8(v_hi)));

@@ -8,7 +8,7 @@ import numpy as np
 from conftest import REPO, make_tiny_model
 from nanoquant.baselines import row_sign, write_sign_baseline
 from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
-from nanoquant.reference import open_gguf
+from nanoquant.reference import nq_layers, open_gguf
 
 
 def test_row_sign_is_the_l2_optimal_row_binarisation():
@@ -38,6 +38,29 @@ def test_sign_baseline_and_linear_bits(tmp_path, smol_tokenizer, tiny_nq_models)
     nq = tiny_nq_models["llama"]
     bits, weights = decoder_linear_bits(nq)
     assert np.isclose(bits / weights, describe(nq).bpw_linear)
+
+
+def test_random_sign_files_give_each_layer_its_base_layers_output_size(tmp_path, smol_tokenizer):
+    """bench/decode.py's speed-only NQ files: other ops (attention's exp above all) must see activations of the base
+    model's size, or they run at another speed than in the types compared."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import decode
+
+    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
+    f32 = tmp_path / "f32.gguf"
+    subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
+                    "--outfile", str(f32)], check=True, capture_output=True)
+    base = {t.name[: -len(".weight")]: np.asarray(t.data, dtype=np.float64) for t in open_gguf(f32).tensors}
+    nq = decode.synthetic_nq(f32, tmp_path / "nq.gguf", 1.0, "q8_0")
+    layers = nq_layers(open_gguf(nq), nq)
+    assert len(layers) == 14
+    rng = np.random.default_rng(0)
+    rms = lambda a: np.sqrt(np.mean(np.square(a)))  # noqa: E731
+    for name, layer in layers.items():
+        x = rng.standard_normal((layer.v.shape[1], 64))
+        dense = base[name] @ x
+        low_rank = layer.s_post[:, None] * (layer.u @ (layer.v @ (layer.s_pre[:, None] * x)))
+        assert 0.8 < rms(low_rank) / rms(dense) < 1.25, name
 
 
 def test_convert_seconds_come_from_the_converters_log(tmp_path):
