@@ -10,8 +10,8 @@
 // one block, 4 bytes. The layout is thus fixed by the kernel the build selects, and only nq1_lut_* read it.
 //
 // Every path forms the same exact integer sum per row and block (int16 or int32, as the kernel's width allows; the
-// value is the same) and accumulates the blocks with fused multiply-adds in
-// the same order, so SIMD results equal the scalar reference bit for bit.
+// value is the same) and accumulates the blocks with fused multiply-adds in the same order, so SIMD results equal the
+// scalar reference bit for bit.
 #pragma once
 
 #include <stddef.h>

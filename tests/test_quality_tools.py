@@ -11,6 +11,15 @@ from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, descr
 from nanoquant.reference import nq_layers, open_gguf
 
 
+def tiny_f32_gguf(tmp_path, tokenizer):
+    """A tiny random llama from transformers, as an F32 GGUF by llama.cpp's own converter."""
+    hf = make_tiny_model("llama", tmp_path / "hf", tokenizer)
+    f32 = tmp_path / "f32.gguf"
+    subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
+                    "--outfile", str(f32)], check=True, capture_output=True)
+    return f32
+
+
 def test_row_sign_is_the_l2_optimal_row_binarisation():
     w = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
     b = row_sign(w)
@@ -22,10 +31,7 @@ def test_row_sign_is_the_l2_optimal_row_binarisation():
 
 
 def test_sign_baseline_and_linear_bits(tmp_path, smol_tokenizer, tiny_nq_models):
-    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
-    f32 = tmp_path / "f32.gguf"
-    subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
-                    "--outfile", str(f32)], check=True, capture_output=True)
+    f32 = tiny_f32_gguf(tmp_path, smol_tokenizer)
     bits, weights = decoder_linear_bits(f32)
     assert bits == 32 * weights and len(decoder_linear_shapes(f32)) == 14
     out = tmp_path / "sign.gguf"
@@ -46,10 +52,7 @@ def test_random_sign_files_give_each_layer_its_base_layers_output_size(tmp_path,
     sys.path.insert(0, str(REPO / "bench"))
     import decode
 
-    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
-    f32 = tmp_path / "f32.gguf"
-    subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
-                    "--outfile", str(f32)], check=True, capture_output=True)
+    f32 = tiny_f32_gguf(tmp_path, smol_tokenizer)
     base = {t.name[: -len(".weight")]: np.asarray(t.data, dtype=np.float64) for t in open_gguf(f32).tensors}
     nq = decode.synthetic_nq(f32, tmp_path / "nq.gguf", 1.0, "q8_0")
     layers = nq_layers(open_gguf(nq), nq)
