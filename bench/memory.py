@@ -32,10 +32,10 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, 
              vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 FULL_DEPTH = 32
 
-from nanoquant.convert import PRESETS  # noqa: E402
+from nanoquant.settings import PRESETS  # noqa: E402
 from nanoquant.reconstruct import RECOMPUTE_ABOVE_BYTES  # noqa: E402
 STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines
-STAGES = {"loading", "statistics", "blocks", "scale distillation", "writing"}
+STAGES = {"loading", "calibration", "statistics", "rank allocation", "blocks", "scale distillation", "writing"}
 ACTIVATIONS = re.compile(r"activations through all blocks take ([0-9.]+) GiB")
 
 
@@ -55,7 +55,7 @@ def make_model(folder: Path, n_blocks: int) -> None:
 
 
 def convert(folder: Path, out: Path, bpw: float) -> dict:
-    window = PRESETS["standard"]["calib_window_tokens"]
+    window = PRESETS["standard"].calib_window_tokens
     cmd = [sys.executable, str(REPO / "convert" / "convert-hf-to-nq-gguf.py"), str(folder), "--outfile", str(out),
            "--bpw", str(bpw), "--calib-windows", "2", "--calib-window-tokens", str(window), "--admm-iterations", "2",
            "--dense-steps", "1", "--factor-steps", "1", "--distill-steps", "2", "--tune-batch", "1",
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         per_block[stage] = (b["stage_peak_rss_mib"][stage] - peak_a) / (b["blocks"] - a["blocks"])
         projected_stages[stage] = peak_a + per_block[stage] * (FULL_DEPTH - a["blocks"])
     standard = PRESETS["standard"]
-    calib_tokens = standard["calib_windows"] * standard["calib_window_tokens"]
+    calib_tokens = standard.calib_windows * standard.calib_window_tokens
     streams_mib = 3 * calib_tokens * SHAPE["hidden_size"] * 4 / 2**20
     peak_stage = max(projected_stages, key=projected_stages.get)
     projected = projected_stages[peak_stage] + streams_mib

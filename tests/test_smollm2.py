@@ -6,9 +6,9 @@ from nanoquant.fileinfo import describe
 def test_realized_bpw_of_quantized_layers(smol_nq):
     info = describe(smol_nq)
     assert len(info.layers) == 30 * 7
-    assert 0.95 <= info.bpw_linear <= 1.0, info.bpw_linear
-    ranks = {(l.d_out, l.d_in): l.rank for l in info.layers}
-    assert ranks == {(576, 576): 256, (192, 576): 96, (1536, 576): 384, (576, 1536): 384}
+    assert 0.995 <= info.bpw_linear <= 1.0, info.bpw_linear  # the uniform allocation spends the rounding's bits too
+    rule = {(576, 576): 256, (192, 576): 96, (1536, 576): 384, (576, 1536): 384}  # the method's rank rule
+    assert all(rule[l.d_out, l.d_in] <= l.rank <= rule[l.d_out, l.d_in] + 64 for l in info.layers)
 
 
 def test_llama_cli_answers_a_chat_prompt(smol_nq):

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_model
 from nanoquant.architectures import architecture_for
 from nanoquant.calibration import StatsCollector
-from nanoquant.convert import StagePeaks
+from nanoquant.memory import StagePeaks
 from nanoquant.streaming import ResidentBlocks, open_skeleton
 
 

@@ -15,7 +15,6 @@ class AdmmSettings:
     iterations: int = 400
     power_iterations: int = 5
     ridge: float = 0.03
-    seed: int = 0
 
 
 @dataclass
@@ -100,7 +99,7 @@ def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, shift: float) -> torch.T
 
 
 def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.Tensor,
-              settings: AdmmSettings = AdmmSettings(), mid_scale: bool = False) -> LowRankBinary:
+              settings: AdmmSettings = AdmmSettings(), mid_scale: bool = False, seed: int = 0) -> LowRankBinary:
     """LB-ADMM on the tall orientation of D_out W D_in, then scale extraction and magnitude balancing; with
     `mid_scale`, also the per-rank scale s_mid that best fits the preconditioned target."""
     w = weight.detach().float()
@@ -109,7 +108,7 @@ def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.
         w, d_in, d_out = w.T, d_out, d_in
     target = d_out[:, None] * w * d_in[None, :]
     m, n = target.shape
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(seed)
     a = torch.randn(m, rank, generator=gen)
     b = torch.randn(rank, n, generator=gen)
     za, zb = svid(a, settings.power_iterations, gen), svid(b, settings.power_iterations, gen)

@@ -1,6 +1,7 @@
 """Calibration windows and the Hessian-diagonal statistics (method spec section 3.4)."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,18 +11,138 @@ from tqdm import tqdm
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_CALIBRATION_TEXT = DATA_DIR / "wikitext-2" / "valid.txt"
+# the teacher answers these to make calibration conversations; data/chat/eval-instructions.txt is held out
+DEFAULT_CHAT_INSTRUCTIONS = DATA_DIR / "chat" / "calibration-instructions.txt"
 GRAD_SCALE = 1e6  # keeps tiny output gradients away from underflow; a constant factor for ADMM and Adam
+CHAT_ANSWER_TOKENS = 192  # the teacher's answers are cut here: a calibration turn, not an essay
 
 
-def calibration_windows(tokenizer, text_path: Path, n_windows: int, window: int, seed: int) -> torch.Tensor:
-    """n_windows random windows of `window` tokens from the text, tokenized once (no special tokens)."""
+class CalibrationError(ValueError):
+    pass
+
+
+def window_bos(base_gguf: Path, tokenizer) -> int | None:
+    """The token every window starts with, as llama.cpp starts every sequence: BOS where the GGUF's
+    tokenizer.ggml.add_bos_token says so (the Hugging Face tokenizer's own habit where the key is missing)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(base_gguf).fields
+    add = fields.get("tokenizer.ggml.add_bos_token")
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    if add is None:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        uses = tokenizer.bos_token_id is not None and with_special[:1] == [tokenizer.bos_token_id]
+        return tokenizer.bos_token_id if uses else None
+    if not bool(add.contents()):
+        return None
+    return int(bos.contents()) if bos is not None else tokenizer.bos_token_id
+
+
+def _starting_with(bos: int | None, ids: list[int]) -> list[int]:
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
+def text_windows(tokenizer, text_path: Path, n_windows: int, window: int, seed: int,
+                 bos: int | None = None) -> torch.Tensor:
+    """n_windows random windows of `window` tokens from the text, tokenized once (no special tokens); each starts
+    with `bos` when given, as llama-perplexity's chunks do."""
+    if n_windows == 0:
+        return torch.empty(0, window, dtype=torch.long)
     text = Path(text_path).read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if ids.numel() <= window:
-        raise ValueError(f"{text_path}: {ids.numel()} tokens, need more than the window of {window}")
+    body = window - (bos is not None)
+    if ids.numel() <= body:
+        raise CalibrationError(f"{text_path}: {ids.numel()} tokens, need more than the window of {window}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - window, (n_windows,), generator=gen)
-    return torch.stack([ids[s:s + window] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (n_windows,), generator=gen)
+    head = [] if bos is None else [bos]
+    return torch.stack([torch.tensor(head + ids[s:s + body].tolist()) for s in starts.tolist()])
+
+
+def read_instructions(path: Path) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    instructions = [line for line in lines if line]
+    if not instructions:
+        raise CalibrationError(f"{path}: no instructions (expected one per line)")
+    return instructions
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    """A JSONL file of {"messages": [{"role": ..., "content": ...}, ...]} per line."""
+    conversations = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not messages or not all(isinstance(m["role"], str) and isinstance(m["content"], str)
+                                       for m in messages):
+                raise ValueError("empty, or a message without a string role and content")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CalibrationError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}}"
+                                   f" ({type(e).__name__}: {e})") from None
+        conversations.append(messages)
+    if not conversations:
+        raise CalibrationError(f"{path}: no conversations")
+    return conversations
+
+
+def teacher_conversations(teacher_gguf: Path, instructions: list[str], tokens_needed: int, tokenizer, seed: int,
+                          threads: int) -> list[list[dict]]:
+    """Single-turn conversations whose answers the teacher writes itself (greedy, through llama.cpp and the
+    GGUF's own chat template), instructions drawn in a seeded order until their rendered tokens reach
+    `tokens_needed` or the list is used up."""
+    from .model import Model
+
+    order = torch.randperm(len(instructions), generator=torch.Generator().manual_seed(seed)).tolist()
+    conversations, tokens = [], 0
+    with Model(teacher_gguf, n_ctx=1024, n_threads=threads or None, seed=seed) as teacher, \
+            tqdm(total=tokens_needed, desc="teacher answers", unit="token") as progress:
+        for i in order:
+            if tokens >= tokens_needed:
+                break
+            question = [{"role": "user", "content": instructions[i]}]
+            answer = teacher.chat(question, max_tokens=CHAT_ANSWER_TOKENS, temperature=0)
+            conversations.append(question + [{"role": "assistant", "content": answer.strip()}])
+            rendered = len(render_conversation(tokenizer, conversations[-1], None))
+            tokens += rendered
+            progress.update(min(rendered, tokens_needed - progress.n))
+    return conversations
+
+
+def render_conversation(tokenizer, messages: list[dict], bos: int | None) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja2's TemplateError and the template's own raise_exception
+        raise CalibrationError(f"the chat template refused a calibration conversation ({type(e).__name__}: {e})") \
+            from None
+    return _starting_with(bos, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_windows(tokenizer, conversations: list[list[dict]], n_windows: int, window: int, seed: int,
+                 bos: int | None = None) -> torch.Tensor:
+    """Windows that start as a chat does (BOS where the model uses one, then the template's own opening): each is
+    one multi-turn conversation made of conversations drawn in a seeded order (system messages only from its
+    first), rendered by the model's chat template and cut at `window` tokens."""
+    if n_windows == 0:
+        return torch.empty(0, window, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    windows = []
+    for _ in range(n_windows):
+        messages: list[dict] = []
+        ids: list[int] = []
+        while len(ids) < window:
+            if not order:
+                order = torch.randperm(len(conversations), generator=gen).tolist()
+            turn = conversations[order.pop()]
+            messages += [m for m in turn if not (messages and m["role"] == "system")]
+            longer = render_conversation(tokenizer, messages, bos)
+            if len(longer) <= len(ids):
+                raise CalibrationError("the chat template renders a longer conversation to fewer tokens")
+            ids = longer
+        windows.append(torch.tensor(ids[:window]))
+    return torch.stack(windows)
 
 
 @dataclass

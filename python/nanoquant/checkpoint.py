@@ -1,8 +1,9 @@
 """The converter's work folder: statistics, finished blocks and the activation streams, so a killed conversion
 continues with `--resume` and writes the same bytes.
 
-Layout: manifest.json (what is being converted, with which settings), stats.pt, block-NNNN.pt (the factorised layers
-of one finished block, signs packed), stream.pt (the block-boundary activations after the last finished block).
+Layout: manifest.json (what is being converted, with which settings), chat.jsonl (the calibration conversations
+the teacher answered), stats.pt, ranks.json, block-NNNN.pt (the factorised layers of one finished block, signs packed),
+stream.pt (the block-boundary activations after the last finished block).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
 """
 from __future__ import annotations
@@ -54,6 +55,29 @@ class WorkFolder:
                                       f"or remove it")
             self.path.mkdir(parents=True, exist_ok=True)
             manifest.write_text(json.dumps(identity, indent=1, sort_keys=True))
+
+    def load_conversations(self) -> list[list[dict]] | None:
+        path = self.path / "chat.jsonl"
+        if not path.is_file():
+            return None
+        return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+    def save_conversations(self, conversations: list[list[dict]]) -> None:
+        path = self.path / "chat.jsonl"
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+
+    def load_ranks(self) -> dict[str, int] | None:
+        path = self.path / "ranks.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_ranks(self, ranks: dict[str, int]) -> None:
+        path = self.path / "ranks.json"
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(ranks, indent=0))
+        os.replace(tmp, path)
 
     def load_stats(self):
         path = self.path / "stats.pt"

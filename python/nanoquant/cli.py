@@ -74,7 +74,8 @@ def _print_info(info: dict) -> None:
     s = info["conversion_settings"]
     if s:
         print(f"converted:     {s['bpw']} bpw target; calibration {s['calib_windows']} x {s['calib_window_tokens']} "
-              f"tokens of {s['calib_text']}; ADMM {s['admm']['iterations']} iterations; dense "
+              f"tokens of {s['calib_text']} and conversations ({s.get('calib_chat', 'none')}, share "
+              f"{s.get('chat_share', 0):g}); ADMM {s['admm']['iterations']} iterations; dense "
               f"{s['tune']['dense_steps']} and STE {s['tune']['factor_steps']} steps per block; distillation "
               f"{s['distill']['steps']} steps at lr {s['distill']['lr']:g}; seed {s['seed']}")
 

@@ -1,18 +1,17 @@
-"""Hugging Face model (folder or GGUF) -> NanoQuant GGUF. The command line is convert/convert-hf-to-nq-gguf.py.
+"""Hugging Face model (folder or GGUF) -> NanoQuant GGUF: the method's pipeline. The command line is
+convert/convert-hf-to-nq-gguf.py; the settings, presets and options are in settings.py.
 
-Pipeline per decoder block, in the method's layer order: (block reconstruction stages slot in around) the
-Hessian-aware ADMM initialisation of each linear layer. Statistics come from calibration text once, up front.
+Calibration windows (raw text and, for a chat model, conversations the teacher answers), statistics, then per
+decoder block in the method's layer order: dense tuning, Hessian-aware ADMM, STE tuning; then scale distillation
+against the teacher's logits, and the GGUF.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import copy
 import json
-import shutil
 import os
-import re
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,111 +25,30 @@ import torch
 from tqdm import tqdm
 
 from . import formats
-from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
+from . import ranks as ranks_module
+from .admm import LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
                             gguf_row_permutation)
-from .calibration import DEFAULT_CALIBRATION_TEXT, StatsCollector, calibration_windows, shrink
-from .reconstruct import (RECOMPUTE_ABOVE_BYTES, DistillSettings, FrozenLowRankBinary, TrainableLowRankBinary,
-                          TuneSettings, BlockData, capture_block_inputs, distill_scales, run_block_batched,
-                          saved_activation_bytes, tune_block)
-from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
+from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, StatsCollector, chat_windows,
+                          read_conversations, read_instructions, shrink, teacher_conversations, text_windows,
+                          window_bos)
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
+from .memory import StagePeaks, return_freed_memory_to_the_system
+from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, DistillSettings, FrozenLowRankBinary,
+                          TrainableLowRankBinary, TuneSettings, block_loss, capture_block_inputs, distill_scales,
+                          run_block_batched, saved_activation_bytes, tune_block)
+from .settings import CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, PRESETS, ConvertSettings, add_options, settings_from_args
+from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_DIR = Path(os.environ.get("NANOQUANT_LLAMA_CPP", REPO_ROOT / "vendor" / "llama.cpp"))
-
-
-@dataclass(frozen=True)
-class ConvertSettings:
-    bpw: float = 1.0
-    calib_text: Path = DEFAULT_CALIBRATION_TEXT
-    calib_windows: int = 32
-    calib_window_tokens: int = 512
-    seed: int = 0
-    shrinkage: float | None = None  # None: the architecture's value
-    admm: AdmmSettings = AdmmSettings()
-    tune: TuneSettings = TuneSettings()
-    distill: DistillSettings = DistillSettings()
-    mid_scale: bool = False  # a per-rank scale s_mid in the layers whose rank rounding leaves room for its bits
-    other_type: str = "Q8_0"
-    threads: int = 0
-    effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
-    rank_scaled: tuple[str, ...] = ()      # which of RANK_BOUND_STEPS it may scale (not those set by the user)
-
-
-PRESETS: dict[str, dict] = {
-    # sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README)
-    # effort_bpw: the step counts are sized for this bpw; above it, the rank-bound stages get proportionally fewer
-    # steps (see rank_scaled_settings), so a higher bpw costs about the same time
-    "fast": dict(calib_windows=16, calib_window_tokens=512, admm_iterations=20, dense_steps=0, factor_steps=40,
-                 distill_steps=0, distill_lr=1e-2, tune_batch=1, tune_scope="block", effort_bpw=1.0,
-                 mid_scale=False),
-    "standard": dict(calib_windows=32, calib_window_tokens=512, admm_iterations=60, dense_steps=20,
-                     factor_steps=100, distill_steps=70, distill_lr=1e-2, tune_batch=1, tune_scope="block",
-                     effort_bpw=1.0, mid_scale=False),
-    # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
-    "paper": dict(calib_windows=128, calib_window_tokens=2048, admm_iterations=400, dense_steps=256,
-                  factor_steps=1024, distill_steps=1024, distill_lr=1e-3, tune_batch=1, tune_scope="layer",
-                  effort_bpw=None, mid_scale=False),
-}
-# the stages whose cost per step grows with the rank: ADMM (m n r per iteration) and STE tuning (r (d_in + d_out) per
-# token through each factorised layer). Distillation is not among them: a step runs the whole model, whose attention,
-# head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 6.3 s at
-# 2.0, while the factorised layers cost 1.64x)
-RANK_BOUND_STEPS = ("admm_iterations", "factor_steps")
+LLAMA_QUANTIZE = REPO_ROOT / "build" / "bin" / "llama-quantize"
+LOG_WINDOWS = 4  # the tuning log reads each block's loss on this many fixed windows, the same before and after
 
 
 class ConversionError(RuntimeError):
     pass
-
-
-def _glibc(function: str, *args: int) -> None:
-    """Calls a glibc allocator tuning function; elsewhere there is nothing to tune."""
-    try:
-        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
-    except (OSError, AttributeError):
-        pass
-
-
-# glibc serves buffers below a threshold that adapts up to 32 MiB from its heap and keeps them after a free. At 7B
-# shapes the activations (8-22 MiB) then fragment the heap by ~180 MiB a block in distillation (bench/memory.py
-# shapes, measured); fixed at 4 MiB they are mapped and returned on free, for 10-25% slower 7B-shaped steps. SmolLM2's
-# buffers are under it. The setting is the process's from the first conversion on.
-M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 4 << 20
-
-
-class StagePeaks:
-    """Peak resident memory per conversion stage. Linux keeps a process's peak (VmHWM) and restarts it from the
-    present size when 5 is written to /proc/self/clear_refs, so each stage gets its own peak, and a memory benchmark
-    can extrapolate each stage to a deeper model on its own. Where that is missing, every stage reports the running
-    peak of the process."""
-
-    def __init__(self):
-        self.overall_mib = 0.0
-        self._restart()
-
-    @staticmethod
-    def _restart() -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    @staticmethod
-    def _peak_mib() -> float:
-        try:
-            return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
-        except (OSError, AttributeError):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def end_stage(self) -> str:
-        """This stage's peak for its log line; the next stage counts from the present, trimmed size."""
-        peak = self._peak_mib()
-        self.overall_mib = max(self.overall_mib, peak)
-        _glibc("malloc_trim", 0)  # a stage should not inherit the freed heap of the one before
-        self._restart()
-        return f"peak RSS {peak:.0f} MiB"
 
 
 @dataclass
@@ -216,9 +134,9 @@ def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch
         return settings
     scaled = lambda n: max(1, round(n * ratio)) if n > 0 else 0  # noqa: E731
     admm, tune = settings.admm, settings.tune
-    if "admm_iterations" in settings.rank_scaled:
+    if "admm.iterations" in settings.rank_scaled:
         admm = replace(admm, iterations=scaled(admm.iterations))
-    if "factor_steps" in settings.rank_scaled:
+    if "tune.factor_steps" in settings.rank_scaled:
         tune = replace(tune, factor_steps=scaled(tune.factor_steps))
     print(f"effort: ranks at {settings.bpw} bpw cost {1 / ratio:.2f}x those at {settings.effort_bpw}: ADMM "
           f"{admm.iterations} iterations, {tune.factor_steps} STE steps ({settings.distill.steps} distillation steps)")
@@ -249,23 +167,43 @@ def _tuning_groups(trainables: list[TrainableLowRankBinary], tune: TuneSettings)
     return groups
 
 
-def quantize_block(model, index: int, source: Source, stats, settings: ConvertSettings, data: BlockData | None,
-                   progress) -> tuple[dict, list[LayerReport]]:
+class BlockClock:
+    """Seconds per stage of one block, for its log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+
+    def lap(self, stage: str) -> None:
+        now = time.time()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{stage} {s:.1f} s" for stage, s in self.seconds.items())
+
+
+def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, int], settings: ConvertSettings,
+                   data: BlockData | None, progress) -> tuple[dict, list[LayerReport]]:
     """Factorise one decoder block (steps 1-3 of the method) and advance the activation streams past it.
 
     scope "layer" interleaves dense tuning, ADMM and STE tuning per linear in the method's order (the reference
     code); scope "block" tunes the dense block once, factorises all its linears, then tunes them together (the
     paper's Algorithm 1), which costs one seventh of the steps."""
-    arch, tune = source.arch, settings.tune
+    arch, tune, seed = source.arch, settings.tune, settings.seed
     gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
     block = model.model.layers[index]
     prefix = f"model.layers.{index}."
     originals = {linear: block.get_submodule(linear).weight.detach().clone() for linear in arch.linears}
+    clock = BlockClock()
     if data is not None:
         data.index = index
         target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
         sensitivity = shrink(stats[prefix + arch.sensitivity_linear].output_moment, gamma)
         channel_weights = sensitivity / sensitivity.mean()
+        fixed = torch.linspace(0, data.fp.shape[0] - 1, min(LOG_WINDOWS, data.fp.shape[0])).round().long()
+        loss = lambda: block_loss(block, data, target, channel_weights, fixed)  # noqa: E731
+        clock.lap("targets")
     groups = [[linear] for linear in arch.linears] if tune.scope == "layer" else [list(arch.linears)]
     finished: dict[str, tuple[LowRankBinary, torch.Tensor | None]] = {}
     for g, group in enumerate(groups):
@@ -274,25 +212,31 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
             for w in remaining:
                 w.requires_grad_(True)
             tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
-                       tune.dense_steps, tune.seed, tune.batch_windows)
+                       tune.dense_steps, seed, tune.batch_windows)
             for w in remaining:
                 w.requires_grad_(False)
+            clock.lap("dense tuning")
         layers = {}
         for linear in group:  # step 2: LB-ADMM on the (tuned) dense weight
             dense = block.get_submodule(linear)
             weight = dense.weight.detach().float()
             pre_in, pre_out = stats[prefix + linear].preconditioners(gamma)
-            rank, has_mid = formats.layer_plan(*weight.shape, settings.bpw, settings.mid_scale)
-            layers[linear] = factorize(weight, rank, pre_in, pre_out, settings.admm, mid_scale=has_mid)
+            layers[linear] = factorize(weight, ranks[prefix + linear], pre_in, pre_out, settings.admm,
+                                       mid_scale=settings.mid_scale, seed=seed)
+        clock.lap("ADMM")
         biases = {linear: block.get_submodule(linear).bias for linear in group}
         if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of the new factors' signs and scales
             trainables = {linear: TrainableLowRankBinary(layers[linear], biases[linear]) for linear in group}
             for linear, t in trainables.items():
                 _set_submodule(block, linear, t)
-            first, last = tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target,
-                                     channel_weights, tune.factor_steps, tune.seed, tune.batch_windows)
+            after_admm = loss()
+            clock.lap("ADMM")
+            tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, channel_weights,
+                       tune.factor_steps, seed, tune.batch_windows)
+            clock.lap("STE tuning")
             label = group[0] if len(group) == 1 else "all linears"
-            tqdm.write(f"block {index} ({label}): STE tuning, block loss {first:.4g} -> {last:.4g}")
+            tqdm.write(f"block {index} ({label}): block loss on {len(fixed)} fixed windows after ADMM "
+                       f"{after_admm:.4g}, after STE tuning {loss():.4g}")
             for linear, t in trainables.items():
                 layers[linear] = t.finalize()
                 biases[linear] = None if t.bias is None else t.bias.detach().clone()
@@ -303,9 +247,92 @@ def quantize_block(model, index: int, source: Source, stats, settings: ConvertSe
     if data is not None:
         data.fp = target
         data.quantized = run_block_batched(block, data.quantized, data.kwargs)
+        clock.lap("streams")
+    tqdm.write(f"block {index}: {clock}")
     reports = [_layer_report(prefix + linear, originals[linear], finished[prefix + linear][0],
                              *stats[prefix + linear].preconditioners(gamma)) for linear in arch.linears]
     return finished, reports
+
+
+def chat_conversations(source: Source, settings: ConvertSettings, work: WorkFolder, tokens_needed: int):
+    """The calibration conversations: none, a user's own (--calib-chat FILE), or ("auto", for a model with a chat
+    template) the teacher's answers to the project's instruction list, made once and kept in the work folder."""
+    if settings.calib_chat == CHAT_NONE or tokens_needed == 0:
+        return []
+    if not getattr(source.tokenizer, "chat_template", None):
+        if settings.calib_chat == CHAT_AUTO:
+            print("calibration: the model has no chat template; raw text only")
+            return []
+        raise ConversionError(f"--calib-chat {settings.calib_chat}: {source.path} has no chat template to render "
+                              "conversations with")
+    if settings.calib_chat != CHAT_AUTO:
+        return read_conversations(Path(settings.calib_chat))
+    conversations = work.load_conversations()
+    if conversations is None:
+        clock = time.time()
+        conversations = teacher_conversations(_answering_teacher(source), read_instructions(DEFAULT_CHAT_INSTRUCTIONS),
+                                              tokens_needed, source.tokenizer, settings.seed, settings.threads)
+        work.save_conversations(conversations)
+        print(f"calibration: the teacher answered {len(conversations)} instructions in {time.time() - clock:.0f} s")
+    return conversations
+
+
+def _answering_teacher(source: Source) -> Path:
+    """The GGUF that writes the calibration answers: a GGUF source itself; for a Hugging Face folder a Q8_0 copy of
+    the F32 base file, as an F32 7B model (28 GB) would not fit in memory beside the converter."""
+    if source.base_gguf == source.path:
+        return source.path
+    out = source.base_gguf.with_name("teacher-q8_0.gguf")
+    if not out.is_file():
+        if not LLAMA_QUANTIZE.is_file():
+            raise ConversionError(f"{LLAMA_QUANTIZE} not found: run `make setup` (or pass --calib-chat none)")
+        proc = subprocess.run([str(LLAMA_QUANTIZE), str(source.base_gguf), str(out), "Q8_0"], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise ConversionError(f"{source.path}: llama-quantize could not make the answering teacher:\n"
+                                  f"{proc.stderr[-3000:]}")
+    return out
+
+
+def calibration(source: Source, settings: ConvertSettings, work: WorkFolder) -> torch.Tensor:
+    """All calibration windows, raw text first, then conversations; every window starts as the model is used."""
+    bos = window_bos(source.base_gguf, source.tokenizer)
+    n, length = settings.calib_windows, settings.calib_window_tokens
+    n_chat = 0 if settings.calib_chat == CHAT_NONE else round(n * settings.chat_share)
+    conversations = chat_conversations(source, settings, work, n_chat * length)
+    n_chat = n_chat if conversations else 0
+    windows = torch.cat([text_windows(source.tokenizer, settings.calib_text, n - n_chat, length, settings.seed, bos),
+                         chat_windows(source.tokenizer, conversations, n_chat, length, settings.seed, bos)])
+    print(f"calibration: {n - n_chat} windows of {settings.calib_text.name} and {n_chat} of conversations, "
+          f"{length} tokens each, {'starting with BOS' if bos is not None else 'without BOS'} (token {bos})")
+    return windows
+
+
+def allocate_ranks(model, source: Source, stats, names: list[str], settings: ConvertSettings) -> dict[str, int]:
+    """Every layer's rank at the target's total bits (ranks.py). The sensitivity allocation reads the singular values
+    of each layer's weight in its Fisher-diagonal norm, one block's weights in memory at a time."""
+    layers = [ranks_module.LayerShape(name, *model.get_submodule(name).weight.shape, has_s_mid=settings.mid_scale)
+              for name in names]
+    if settings.rank_allocation == ranks_module.UNIFORM:
+        ranks = ranks_module.uniform_ranks(layers, settings.bpw)
+    else:
+        gamma = source.arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+        curves = {}
+        for i in tqdm(range(len(model.model.layers)), desc="rank allocation", unit="block"):
+            source.blocks.load(model, i)
+            for name in (n for n in names if n.startswith(f"model.layers.{i}.")):
+                pre_in, pre_out = stats[name].preconditioners(gamma)
+                weighted = pre_out[:, None] * model.get_submodule(name).weight.detach().float() * pre_in[None, :]
+                curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted))
+            source.blocks.release(model, i)
+        ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves)
+    by_type: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        by_type.setdefault(name.split(".", 3)[3], []).append(rank)
+    spread = ", ".join(f"{t.split('.')[-1]} {min(r)}-{max(r)}" for t, r in by_type.items())
+    print(f"rank allocation ({settings.rank_allocation}): {ranks_module.realized_bpw(layers, ranks):.4f} bpw of "
+          f"{settings.bpw} target; ranks {spread}")
+    return ranks
 
 
 def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
@@ -316,8 +343,8 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     settings = rank_scaled_settings(settings, model.model.layers[0], arch)
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
-    windows = calibration_windows(source.tokenizer, settings.calib_text, settings.calib_windows,
-                                  settings.calib_window_tokens, settings.seed)
+    windows = calibration(source, settings, work)
+    print(f"calibration: {peaks.end_stage()}")
     clock = time.time()
     stats = work.load_stats()
     if stats is None:
@@ -326,6 +353,12 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         scratch.rmdir()
         work.save_stats(stats)
         print(f"statistics: {time.time() - clock:.0f} s, {peaks.end_stage()}")
+    ranks = work.load_ranks()
+    if ranks is None:
+        clock = time.time()
+        ranks = allocate_ranks(model, source, stats, names, settings)
+        work.save_ranks(ranks)
+        print(f"rank allocation: {time.time() - clock:.0f} s, {peaks.end_stage()}")
     # the streams are needed by block tuning, and by distillation (the teacher's logits come from the FP stream)
     data = capture_block_inputs(model, windows) if settings.tune.enabled or settings.distill.steps > 0 else None
     first = work.finished_blocks()
@@ -345,7 +378,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
             for name, (layer, bias) in layers.items():
                 _set_submodule(model, name, FrozenLowRankBinary(layer, bias))
         else:
-            layers, block_reports = quantize_block(model, i, source, stats, settings, data, progress)
+            layers, block_reports = quantize_block(model, i, source, stats, ranks, settings, data, progress)
             stream = {} if data is None else {"fp": data.fp, "quantized": data.quantized}
             work.save_block(i, layers, block_reports, stream)
         reports += block_reports
@@ -357,7 +390,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
         clock = time.time()
         recompute = _distill_recompute(settings.distill.recompute, model.model.layers, data)
-        losses = distill_scales(model, data.fp, windows, settings.distill, recompute)
+        losses = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
               f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
@@ -401,9 +434,10 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float, peak_mi
 
 def settings_record(settings: ConvertSettings) -> str:
     """The settings a file was made with, as the JSON its metadata keeps: every method setting and step count, the
-    calibration text by name (a local path says nothing on another machine), not the thread count nor activation
+    calibration text and conversations by name (a local path says nothing on another machine), not the thread count nor activation
     recomputation (speed and memory only)."""
-    record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name))))
+    chat = settings.calib_chat if settings.calib_chat in (CHAT_AUTO, CHAT_NONE) else Path(settings.calib_chat).name
+    record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name), calib_chat=chat)))
     del record["threads"], record["distill"]["recompute"]  # memory and speed only: the results are the same
     return json.dumps(record, sort_keys=True)
 
@@ -421,7 +455,7 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
 def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_dir: Path | None = None,
             resume: bool = False, keep_work: bool = False) -> list[LayerReport]:
     start = time.time()
-    _glibc("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return_freed_memory_to_the_system()
     peaks = StagePeaks()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -450,74 +484,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert a Hugging Face model (folder or GGUF) into a NanoQuant GGUF.")
     p.add_argument("model", type=Path, help="Hugging Face model folder (config, safetensors, tokenizer) or a GGUF file")
     p.add_argument("--outfile", type=Path, required=True, help="output GGUF path")
-    p.add_argument("--bpw", type=float, default=1.0, help="target bits per weight of the decoder linear layers")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="calibration and ADMM effort")
-    p.add_argument("--calib", type=Path, default=None, help=f"calibration text (default {DEFAULT_CALIBRATION_TEXT})")
-    p.add_argument("--calib-windows", type=int, default=None, help="number of calibration windows")
-    p.add_argument("--calib-window-tokens", type=int, default=None, help="tokens per calibration window")
-    p.add_argument("--admm-iterations", type=int, default=None, help="ADMM outer iterations")
-    p.add_argument("--shrinkage", type=float, default=None, help="Hessian-diagonal shrinkage (default: per family)")
-    p.add_argument("--dense-steps", type=int, default=None, help="block tuning steps of the dense layers per layer")
-    p.add_argument("--factor-steps", type=int, default=None, help="STE tuning steps of each factorised layer")
-    p.add_argument("--dense-lr", type=float, default=TuneSettings.dense_lr)
-    p.add_argument("--latent-lr", type=float, default=TuneSettings.latent_lr, help="relative to mean |latent|")
-    p.add_argument("--scale-lr", type=float, default=TuneSettings.scale_lr, help="on multiplicative scale offsets")
-    p.add_argument("--distill-steps", type=int, default=None, help="scale-only KL distillation steps (model recon.)")
-    p.add_argument("--distill-lr", type=float, default=None, help="on multiplicative scale offsets")
-    p.add_argument("--distill-recompute", choices=("auto", "on", "off"), default="auto",
-                   help="recompute block activations in distillation's backward: less memory, ~30%% more time; auto: "
-                        f"when a window's activations through all blocks pass {RECOMPUTE_ABOVE_BYTES / 2**30:g} GiB")
-    p.add_argument("--tune-batch", type=int, default=None, help="windows per tuning step")
-    p.add_argument("--tune-scope", choices=("block", "layer"), default=None,
-                   help="block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)")
-    p.add_argument("--mid-scale", choices=("on", "off"), default=None,
-                   help="a per-rank scale s_mid (32 bits a rank) in layers whose rank rounding leaves room for it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="calibration and tuning effort; every option below overrides its value")
+    add_options(p)
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default OUTFILE.work)")
     p.add_argument("--resume", action="store_true", help="continue the conversion checkpointed in the work folder")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--other-type", default="Q8_0", help="ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
-    preset = dict(PRESETS[args.preset])
-    for key in ("calib_windows", "calib_window_tokens", "admm_iterations", "dense_steps", "factor_steps",
-                "distill_steps", "distill_lr", "tune_batch", "tune_scope"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
-    if args.mid_scale is not None:
-        preset["mid_scale"] = args.mid_scale == "on"
-    rank_scaled = tuple(key for key in RANK_BOUND_STEPS if getattr(args, key) is None)
-    if args.other_type.upper() not in gguf.GGMLQuantizationType.__members__:
-        raise ConversionError(f"--other-type: unknown ggml type '{args.other_type}'")
-    return ConvertSettings(
-        bpw=args.bpw, calib_text=args.calib or DEFAULT_CALIBRATION_TEXT, calib_windows=preset["calib_windows"],
-        calib_window_tokens=preset["calib_window_tokens"], seed=args.seed, shrinkage=args.shrinkage,
-        admm=AdmmSettings(iterations=preset["admm_iterations"], seed=args.seed),
-        tune=TuneSettings(dense_steps=preset["dense_steps"], dense_lr=args.dense_lr, factor_steps=preset["factor_steps"],
-                          latent_lr=args.latent_lr, scale_lr=args.scale_lr, batch_windows=preset["tune_batch"],
-                          scope=preset["tune_scope"], seed=args.seed),
-        distill=DistillSettings(steps=preset["distill_steps"], lr=preset["distill_lr"], seed=args.seed,
-                                recompute=args.distill_recompute),
-        mid_scale=preset["mid_scale"],
-        other_type=args.other_type,
-        threads=args.threads,
-        effort_bpw=preset["effort_bpw"],
-        rank_scaled=rank_scaled)
-
-
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # a log redirected to a file shows each stage as it ends
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
         if not settings.calib_text.is_file():
             raise ConversionError(f"--calib: {settings.calib_text} not found")
+        if settings.calib_chat not in (CHAT_AUTO, CHAT_NONE) and not Path(settings.calib_chat).is_file():
+            raise ConversionError(f"--calib-chat: {settings.calib_chat} not found (expected 'auto', 'none' or a "
+                                  "JSONL file)")
+        if not 0.0 <= settings.chat_share <= 1.0:
+            raise ConversionError(f"--chat-share: expected a share between 0 and 1, got {settings.chat_share}")
         if args.outfile.parent and not args.outfile.parent.exists():
             args.outfile.parent.mkdir(parents=True)
         convert(args.model, args.outfile, settings, args.work_dir, args.resume, args.keep_work)
-    except (ConversionError, CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
+    except (ConversionError, CheckpointError, CalibrationError, UnsupportedArchitecture, FileNotFoundError,
+            ValueError) as e:
         print(f"convert-hf-to-nq-gguf: error: {e}", file=sys.stderr)
         return 2
     return 0

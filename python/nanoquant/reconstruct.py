@@ -27,7 +27,6 @@ class TuneSettings:
     scale_lr: float = 5e-3        # on the multiplicative scale offsets s = s0 (1 + delta)
     batch_windows: int = 4
     scope: str = "block"          # "block": paper Algorithm 1, one tuning per block; "layer": per linear (reference)
-    seed: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -118,7 +117,6 @@ class FrozenLowRankBinary(_ScaleOffsets):
 class DistillSettings:
     steps: int = 0
     lr: float = 1e-2  # on the multiplicative scale offsets
-    seed: int = 0
     recompute: str = "auto"  # on / off / auto: recompute each block's activations in the backward (see below)
 
 
@@ -168,14 +166,14 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, settings: DistillSettings,
-                   recompute: bool = False) -> list[float]:
+                   recompute: bool = False, seed: int = 0) -> list[float]:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
     T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
     block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held.
     recompute: see recomputed_in_backward."""
     if settings.steps <= 0:
         return []
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
     with trainable_scale_offsets(student) as offsets, recomputed_in_backward(student.model.layers if recompute else []):
         opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
@@ -281,6 +279,19 @@ def _cosine(step: int, total: int, lr: float) -> float:
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * step / max(1, total)))
 
 
+def _weighted_mse(out: torch.Tensor, target: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
+    return (((out - target) ** 2) * channel_weights).sum(-1).mean()
+
+
+@torch.no_grad()
+def block_loss(block, data: BlockData, target: torch.Tensor, channel_weights: torch.Tensor,
+               windows: torch.Tensor) -> float:
+    """The tuning loss on the given windows: read before and after tuning on the same windows, the difference is
+    what tuning did (a random batch each time would mostly show which windows were drawn)."""
+    out = run_block_batched(block, data.quantized[windows], data.kwargs)
+    return float(_weighted_mse(out, target[windows], channel_weights))
+
+
 def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor, channel_weights: torch.Tensor,
                steps: int, seed: int, batch_windows: int) -> tuple[float, float]:
     """Adam with a cosine schedule on the weighted block-output MSE; returns the first and last batch loss."""
@@ -296,7 +307,7 @@ def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor,
             group["lr"] = _cosine(step, steps, lr)
         idx = torch.randint(0, n, (min(batch_windows, n),), generator=gen)
         out = run_block(block, data.quantized[idx], data.kwargs)
-        loss = (((out - target[idx]) ** 2) * channel_weights).sum(-1).mean()
+        loss = _weighted_mse(out, target[idx], channel_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,128 @@
+"""Rank allocation: how the bits of the target bpw are shared among a model's NanoQuant layers.
+
+Both allocations spend one budget, bpw x (weights of all factorised layers), counted as the file stores them (signs,
+F32 scales), so the realized bpw is never above the target and, for any model of more than a few layers, within a
+fraction of a percent below it.
+
+- uniform: every layer gets the method's rank rule for its shape (formats.rank_for_bpw); the bits its rounding to a
+  multiple of 32 leaves over go, 32 ranks at a time, to the layers furthest below the target.
+- sensitivity: the ranks go where they lower the model's loss most. A layer's cost to the loss is its error in the
+  norm of its Fisher diagonal, ||D_out (W - W_hat) D_in||^2 with the converter's statistics (E[(dL/dy)^2] and E[x^2]),
+  so errors of different layers are in one unit; how that error falls with the rank is read off the singular values
+  of D_out W D_in: a binary factorisation of rank r is scored as the best real one of rank EFFECTIVE_RANK_SHARE x r.
+  Ranks start at 32 and grow greedily by the largest drop of error per bit (the tails are convex, so greedy is exact
+  for the model).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from . import formats
+
+UNIFORM, SENSITIVITY = "uniform", "sensitivity"
+ALLOCATIONS = (UNIFORM, SENSITIVITY)
+# a rank-r sign factorisation with row and column scales fits a matrix about as well as the best real rank-k one for
+# k = 0.4 r (SmolLM2's layers after ADMM, measured; the README has the measurement)
+EFFECTIVE_RANK_SHARE = 0.4
+MAX_BPW = 16.0  # no layer is given more bits per weight than this
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_out: int
+    d_in: int
+    has_s_mid: bool = False
+
+    def bits(self, rank: int) -> int:
+        return formats.LayerBits(self.d_out, self.d_in, rank, has_s_mid=self.has_s_mid).bits
+
+    @property
+    def bits_per_step(self) -> int:
+        """What 32 more ranks cost: their signs in U and V, and their s_mid entries."""
+        return self.bits(2 * formats.RANK_MULTIPLE) - self.bits(formats.RANK_MULTIPLE)
+
+    @property
+    def max_rank(self) -> int:
+        return max(formats.RANK_MULTIPLE, int(MAX_BPW * self.d_out * self.d_in / (self.d_out + self.d_in))
+                   // formats.RANK_MULTIPLE * formats.RANK_MULTIPLE)
+
+
+def budget_bits(layers: list[LayerShape], bpw: float) -> int:
+    return int(bpw * sum(layer.d_out * layer.d_in for layer in layers))
+
+
+def realized_bpw(layers: list[LayerShape], ranks: dict[str, int]) -> float:
+    return sum(layer.bits(ranks[layer.name]) for layer in layers) / sum(layer.d_out * layer.d_in for layer in layers)
+
+
+def _check_floor(layers: list[LayerShape], bpw: float) -> None:
+    floor = {layer.name: formats.RANK_MULTIPLE for layer in layers}
+    if sum(layer.bits(formats.RANK_MULTIPLE) for layer in layers) > budget_bits(layers, bpw):
+        raise ValueError(f"--bpw {bpw}: below the {realized_bpw(layers, floor):.3f} bpw that rank 32 in every layer "
+                         "takes")
+
+
+def _fill(layers: list[LayerShape], ranks: dict[str, int], bpw: float, priority) -> dict[str, int]:
+    """Adds 32 ranks at a time to the layer that comes first by priority(layer, rank) (lowest first; None: no more
+    for this layer) while the budget has room; returns the ranks."""
+    left = budget_bits(layers, bpw) - sum(layer.bits(ranks[layer.name]) for layer in layers)
+
+    def entry(i: int):
+        key = priority(layers[i], ranks[layers[i].name])
+        return None if key is None else (key, i)
+
+    queue = [e for e in map(entry, range(len(layers))) if e is not None]
+    heapq.heapify(queue)
+    while queue:
+        _, i = heapq.heappop(queue)
+        layer = layers[i]
+        if layer.bits_per_step > left or ranks[layer.name] + formats.RANK_MULTIPLE > layer.max_rank:
+            continue  # a layer that no longer fits leaves the queue; smaller ones may still fit
+        ranks[layer.name] += formats.RANK_MULTIPLE
+        left -= layer.bits_per_step
+        e = entry(i)
+        if e is not None:
+            heapq.heappush(queue, e)
+    return ranks
+
+
+def _lowest_bpw_first(layer: LayerShape, rank: int) -> float:
+    return layer.bits(rank) / (layer.d_out * layer.d_in)
+
+
+def uniform_ranks(layers: list[LayerShape], bpw: float) -> dict[str, int]:
+    _check_floor(layers, bpw)
+    ranks = {layer.name: min(formats.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + layer.has_s_mid),
+                             layer.max_rank) for layer in layers}
+    return _fill(layers, ranks, bpw, _lowest_bpw_first)
+
+
+def error_curve(singular_values: torch.Tensor):
+    """err(r): the squared error left by the best real approximation of rank EFFECTIVE_RANK_SHARE x r (linear
+    between whole ranks), in the units of the singular values."""
+    energy = singular_values.double().pow(2).flip(0).cumsum(0).flip(0)  # energy[k] = sum of sigma_i^2, i >= k
+    tail = torch.cat([energy, energy.new_zeros(1)])
+
+    def err(rank: int) -> float:
+        k = EFFECTIVE_RANK_SHARE * rank
+        lo = min(int(k), len(tail) - 1)
+        hi = min(lo + 1, len(tail) - 1)
+        return float(tail[lo] + (k - lo) * (tail[hi] - tail[lo]))
+    return err
+
+
+def sensitivity_ranks(layers: list[LayerShape], bpw: float, curves: dict) -> dict[str, int]:
+    """Greedy from rank 32: the next 32 ranks to the layer whose error (curves[name](rank)) falls most per bit;
+    bits that no rank can use any more (every error at zero) are shared as the uniform allocation does."""
+    _check_floor(layers, bpw)
+
+    def largest_gain_first(layer: LayerShape, rank: int) -> float | None:
+        gain = curves[layer.name](rank) - curves[layer.name](rank + formats.RANK_MULTIPLE)
+        return -gain / layer.bits_per_step if gain > 0 else None
+
+    ranks = _fill(layers, {layer.name: formats.RANK_MULTIPLE for layer in layers}, bpw, largest_gain_first)
+    return _fill(layers, ranks, bpw, _lowest_bpw_first)

@@ -1,0 +1,167 @@
+"""The converter's settings: one typed record, the presets as values of it, and one table of command-line options
+from which both the parser and the overrides of a preset follow.
+
+A new setting is a field of ConvertSettings (or of one of the stage records it holds) and, if the command line
+should reach it, one Option row. The seed is ConvertSettings.seed alone: every stage reads it from there.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+
+from .admm import AdmmSettings
+from .calibration import DEFAULT_CALIBRATION_TEXT
+from .ranks import ALLOCATIONS, UNIFORM
+from .reconstruct import RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
+
+CHAT_AUTO, CHAT_NONE = "auto", "none"
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    bpw: float = 1.0
+    calib_text: Path = DEFAULT_CALIBRATION_TEXT
+    calib_windows: int = 32
+    calib_window_tokens: int = 512
+    # conversations in the model's own chat template: "auto" (the teacher answers DEFAULT_CHAT_INSTRUCTIONS, for a
+    # model with a chat template), "none" (raw text only), or a JSONL file of {"messages": [...]} per line
+    calib_chat: str = CHAT_AUTO
+    chat_share: float = 0.5  # the share of calibration windows that are conversations (when there are any)
+    seed: int = 0
+    shrinkage: float | None = None  # None: the architecture's value
+    admm: AdmmSettings = AdmmSettings()
+    tune: TuneSettings = TuneSettings()
+    distill: DistillSettings = DistillSettings()
+    rank_allocation: str = UNIFORM  # how the bits are shared among the layers (ranks.py)
+    mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
+    other_type: str = "Q8_0"
+    threads: int = 0
+    effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
+    rank_scaled: tuple[str, ...] = ()      # which of RANK_BOUND_STEPS it may scale (not those set by the user)
+
+
+def with_value(settings, path: str, value):
+    """A copy of a (nested, frozen) settings record with the field at the dotted `path` set to `value`."""
+    head, _, rest = path.partition(".")
+    return replace(settings, **{head: with_value(getattr(settings, head), rest, value) if rest else value})
+
+
+def value_at(settings, path: str):
+    for part in path.split("."):
+        settings = getattr(settings, part)
+    return settings
+
+
+# Presets, sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README).
+# effort_bpw: the step counts are sized for this bpw; above it the rank-bound stages get proportionally fewer steps
+# (see convert.rank_scaled_settings), so a higher bpw costs about the same time.
+PRESETS: dict[str, ConvertSettings] = {
+    "fast": ConvertSettings(
+        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=20),
+        tune=TuneSettings(dense_steps=0, factor_steps=40, batch_windows=1, scope="block"),
+        distill=DistillSettings(steps=0, lr=1e-2), effort_bpw=1.0),
+    "standard": ConvertSettings(
+        calib_windows=32, calib_window_tokens=512, admm=AdmmSettings(iterations=60),
+        tune=TuneSettings(dense_steps=20, factor_steps=100, batch_windows=1, scope="block"),
+        distill=DistillSettings(steps=70, lr=1e-2), effort_bpw=1.0),
+    # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
+    "paper": ConvertSettings(
+        calib_windows=128, calib_window_tokens=2048, admm=AdmmSettings(iterations=400),
+        tune=TuneSettings(dense_steps=256, factor_steps=1024, batch_windows=1, scope="layer"),
+        distill=DistillSettings(steps=1024, lr=1e-3), effort_bpw=None),
+}
+DEFAULT_PRESET = "fast"
+
+# the stages whose cost per step grows with the rank: ADMM (m n r per iteration) and STE tuning (r (d_in + d_out) per
+# token through each factorised layer). Distillation is not among them: a step runs the whole model, whose attention,
+# head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 6.3 s at
+# 2.0, while the factorised layers cost 1.64x)
+RANK_BOUND_STEPS = ("admm.iterations", "tune.factor_steps")
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected 'on' or 'off', got '{text}'")
+    return text == "on"
+
+
+def _ggml_type(text: str) -> str:
+    if text.upper() not in gguf.GGMLQuantizationType.__members__:
+        raise argparse.ArgumentTypeError(f"unknown ggml type '{text}'")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option and the settings field it sets; absent from the command line, the preset's value."""
+    flag: str
+    path: str
+    type: Callable[[str], Any]
+    help: str
+    choices: tuple | None = None
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--bpw", "bpw", float, "target bits per weight of the decoder linear layers"),
+    Option("--calib", "calib_text", Path, "calibration text (default: WikiText-2 validation in data/)",
+           metavar="TEXT"),
+    Option("--calib-chat", "calib_chat", str,
+           "calibration conversations: 'auto' (the teacher answers the instructions in data/chat/, for a model with a "
+           "chat template), 'none' (raw text only), or a JSONL file of {\"messages\": [...]} per line", metavar="SRC"),
+    Option("--chat-share", "chat_share", float, "share of calibration windows that are conversations"),
+    Option("--calib-windows", "calib_windows", int, "number of calibration windows"),
+    Option("--calib-window-tokens", "calib_window_tokens", int, "tokens per calibration window"),
+    Option("--admm-iterations", "admm.iterations", int, "ADMM outer iterations"),
+    Option("--shrinkage", "shrinkage", float, "Hessian-diagonal shrinkage (default: per family)"),
+    Option("--dense-steps", "tune.dense_steps", int, "block tuning steps of the still-dense layers"),
+    Option("--factor-steps", "tune.factor_steps", int, "STE tuning steps of the factorised layers"),
+    Option("--dense-lr", "tune.dense_lr", float, "Adam learning rate of the dense block tuning"),
+    Option("--latent-lr", "tune.latent_lr", float, "STE latent learning rate, relative to the mean |latent|"),
+    Option("--scale-lr", "tune.scale_lr", float, "STE learning rate on the multiplicative scale offsets"),
+    Option("--tune-batch", "tune.batch_windows", int, "windows per tuning step"),
+    Option("--tune-scope", "tune.scope", str,
+           "block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)",
+           choices=("block", "layer")),
+    Option("--distill-steps", "distill.steps", int, "scale-only KL distillation steps (model reconstruction)"),
+    Option("--distill-lr", "distill.lr", float, "distillation learning rate on the multiplicative scale offsets"),
+    Option("--distill-recompute", "distill.recompute", str,
+           "recompute block activations in distillation's backward: less memory, ~30%% more time; auto: when a "
+           f"window's activations through all blocks pass {RECOMPUTE_ABOVE_BYTES / 2**30:g} GiB",
+           choices=("auto", "on", "off")),
+    Option("--rank-allocation", "rank_allocation", str,
+           "uniform: the method's rank rule per shape; sensitivity: ranks where they lower the loss most (both at the "
+           "same total bits)", choices=ALLOCATIONS),
+    Option("--mid-scale", "mid_scale", _on_off,
+           "a per-rank scale s_mid in every layer (32 bits a rank, within the same bit budget)", metavar="on|off"),
+    Option("--seed", "seed", int, "seed of calibration sampling, ADMM, tuning and distillation"),
+    Option("--other-type", "other_type", _ggml_type, "ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)"),
+    Option("--threads", "threads", int, "torch threads (0: torch's default)"),
+)
+
+
+def _dest(option: Option) -> str:
+    return option.flag.lstrip("-").replace("-", "_")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The settings options; each defaults to None, meaning 'the preset's value', which the help shows."""
+    fast = PRESETS[DEFAULT_PRESET]
+    for option in OPTIONS:
+        default = value_at(fast, option.path)
+        shown = default.name if isinstance(default, Path) else default
+        parser.add_argument(option.flag, dest=_dest(option), type=option.type, choices=option.choices, default=None,
+                            metavar=option.metavar, help=f"{option.help} [{DEFAULT_PRESET}: {shown}]")
+
+
+def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
+    """The preset with every option the command line gave; rank-bound step counts the user set are not scaled."""
+    settings = PRESETS[args.preset]
+    given = {option.path: getattr(args, _dest(option)) for option in OPTIONS if getattr(args, _dest(option)) is not None}
+    for path, value in given.items():
+        settings = with_value(settings, path, value)
+    return replace(settings, rank_scaled=tuple(path for path in RANK_BOUND_STEPS if path not in given))

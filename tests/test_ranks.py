@@ -1,0 +1,69 @@
+"""Rank allocation: both allocations spend the target's bits, never more, and within 0.5% of them."""
+import pytest
+import torch
+
+from nanoquant import formats
+from nanoquant.ranks import LayerShape, error_curve, realized_bpw, sensitivity_ranks, uniform_ranks
+
+SMOL_BLOCK = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+              "up": (1536, 576), "down": (576, 1536)}
+
+
+def smol_layers(n_blocks=30, mid=False):
+    return [LayerShape(f"{b}.{t}", o, i, mid) for b in range(n_blocks) for t, (o, i) in SMOL_BLOCK.items()]
+
+
+@pytest.mark.parametrize("bpw", [0.55, 0.8, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize("mid", [False, True])
+def test_uniform_ranks_spend_the_budget(bpw, mid):
+    layers = smol_layers(mid=mid)
+    ranks = uniform_ranks(layers, bpw)
+    assert all(r % formats.RANK_MULTIPLE == 0 and r >= formats.RANK_MULTIPLE for r in ranks.values())
+    realized = realized_bpw(layers, ranks)
+    assert 0.995 * bpw <= realized <= bpw, realized
+    for layer in layers:  # the rule's rank, or a little more where its rounding left bits over
+        rule = formats.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + mid)
+        assert rule <= ranks[layer.name] <= rule + 64, (layer, ranks[layer.name], rule)
+
+
+def test_two_bpw_is_no_longer_capped_at_full_rank():
+    layers = smol_layers()
+    ranks = uniform_ranks(layers, 2.0)
+    assert realized_bpw(layers, ranks) >= 1.96
+    assert ranks["0.gate"] > 576 and ranks["0.k"] > 192  # beyond min(d_out, d_in)
+
+
+def test_a_bpw_below_rank_32_everywhere_is_refused():
+    with pytest.raises(ValueError, match="rank 32 in every layer"):
+        uniform_ranks(smol_layers(2), 0.1)
+
+
+def test_sensitivity_ranks_follow_the_error_and_spend_the_budget():
+    torch.manual_seed(0)
+    layers = smol_layers(4)
+    # block 0's layers matter 100x more (their weighted singular values are 10x larger), block 3's have a flat
+    # spectrum (a rank buys little), the others a decaying one
+    curves, spectra = {}, {}
+    for layer in layers:
+        block = int(layer.name.split(".")[0])
+        n = min(layer.d_out, layer.d_in)
+        decay = torch.ones(n) if block == 3 else torch.arange(1, n + 1, dtype=torch.float64) ** -0.7
+        spectra[layer.name] = decay * (10.0 if block == 0 else 1.0)
+        curves[layer.name] = error_curve(spectra[layer.name])
+    for bpw in (0.55, 1.0, 2.0):
+        ranks = sensitivity_ranks(layers, bpw, curves)
+        realized = realized_bpw(layers, ranks)
+        assert 0.995 * bpw <= realized <= bpw, (bpw, realized)
+        assert ranks["0.q"] > ranks["1.q"] and ranks["0.gate"] > ranks["2.gate"]
+        total = lambda rs: sum(curves[l.name](rs[l.name]) for l in layers)  # noqa: E731
+        assert total(ranks) < total(uniform_ranks(layers, bpw))  # lower modelled error at the same bits
+
+
+def test_error_curve_is_the_tail_energy_at_the_effective_rank():
+    from nanoquant.ranks import EFFECTIVE_RANK_SHARE
+    sv = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    err = error_curve(sv)
+    assert err(0) == pytest.approx(30.0)
+    assert err(round(2 / EFFECTIVE_RANK_SHARE)) == pytest.approx(5.0)  # sigma_3^2 + sigma_4^2
+    assert err(1000) == 0.0
+    assert all(err(r) >= err(r + 32) for r in range(0, 200, 32))
