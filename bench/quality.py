@@ -1,6 +1,6 @@
 """Quality table: NanoQuant against llama.cpp's own formats, all scored by the patched llama-perplexity.
 
-    .venv/bin/python bench/quality.py [MODEL] [--chunks 150] [--rows ROW ...]
+    .venv/bin/python bench/quality.py [MODEL] [--chunks 150] [--rows ROW ...] [--chat-instructions FILE]
 
 Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (150 unless told; another count writes its own
 quality-<model>-<N>chunks table), 2 threads. `kld` is the mean
@@ -14,6 +14,13 @@ Both sides score llama.cpp's token ids, and llama-perplexity keeps its KV cache 
 forward does: the check is about the file and the NQ kernels, and an F16 cache alone moved a fragile model's PPL
 (the fast preset's, 8 chunks) by 6% while changing nothing else.
 
+Every row also gets a chat metric against the same teacher: the F32 model's greedy answers (CHAT_MAX_TOKENS tokens
+at most, ending with its end-of-turn token when it writes one) to the evaluation instructions
+(data/chat/eval-instructions.txt; never the converter's calibration list) under the GGUF's chat template, made once
+and cached in bench/results/<model>/chat-teacher-<hash>.json. Each file is scored teacher-forced on those answers:
+`chat_top1` is the share of answer tokens where its argmax is the teacher's token, `chat_ppl` exp of the mean NLL of
+the teacher's tokens; `chat_answers` counts its own greedy answers (CHAT_OWN_TOKENS tokens) that hold a word.
+
 Every row is cached in bench/results/quality-<model>.json under the sha256 of its file and the protocol, so the table
 can be completed over several runs (files live in bench/results/<model>/, git-ignored). Writes the .json, a .md table
 and a Pareto plot (PPL against bpw_linear) as .png.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -47,6 +55,13 @@ REF_CHUNKS = 8     # chunks scored twice, by llama-perplexity and by the Python 
 REF_TOLERANCE = 0.01
 REF_PROTOCOL = "llama-tokenize ids, F32 KV cache"  # both sides score the same token ids with F32 keys and values
 REF_KV_F32 = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+CHAT_INSTRUCTIONS = REPO / "data" / "chat" / "eval-instructions.txt"
+CHAT_CALIBRATION = REPO / "data" / "chat" / "calibration-instructions.txt"  # the converter's: never scored on
+CHAT_MAX_TOKENS = 128   # the teacher's answers, the text every file is scored on
+CHAT_OWN_TOKENS = 48    # each file's own greedy answers, only for the "does it talk" count and the samples
+CHAT_SAMPLES = 3        # own answers kept in the row, for the README
+CHAT_SAMPLE_CHARS = 200
+CHAT_N_CTX = 2048       # instruction + template + answer; a longer one is an error, not a silently cut answer
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ class Row:
     note: str = ""
 
 
-# NanoQuant rows use --preset standard; the ablations differ from "NQ 1.0" in one stage each
+# NanoQuant rows use --preset standard; the ablations differ from the NQ row of their bpw in one setting each
 ROWS = [
     Row("F32", "f32"),
     Row("Q8_0", "llama", "Q8_0"),
@@ -87,6 +102,9 @@ ROWS = [
     Row("ablation 1.0: ADMM init only", "nq", bpw=1.0,
         converter_args=("--dense-steps", "0", "--factor-steps", "0", "--distill-steps", "0")),
     Row("ablation 1.0: init + block reconstruction", "nq", bpw=1.0, converter_args=("--distill-steps", "0")),
+    Row("ablation 1.0: uniform ranks", "nq", bpw=1.0, converter_args=("--rank-allocation", "uniform")),
+    Row("ablation 0.55: uniform ranks", "nq", bpw=0.55, converter_args=("--rank-allocation", "uniform")),
+    Row("ablation 1.0: WikiText-only calibration", "nq", bpw=1.0, converter_args=("--calib-chat", "none")),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 
@@ -129,9 +147,119 @@ def converter_seconds(model: Path) -> float | None:
     return float(found.group(1)) if found else None
 
 
+# --- chat metric -----------------------------------------------------------------------------------------------
+def read_instructions(path: Path) -> list[str]:
+    """One instruction a line (blank lines skipped). The converter's calibration list is refused, and so is an
+    evaluation list sharing a line with it: a file tuned on an instruction would be scored on it."""
+    if path.resolve() == CHAT_CALIBRATION.resolve():
+        raise ValueError(f"{path}: the calibration instructions are not an evaluation set")
+    instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not instructions:
+        raise ValueError(f"{path}: no instructions")
+    if CHAT_CALIBRATION.is_file():
+        calibration = {line.strip() for line in CHAT_CALIBRATION.read_text(encoding="utf-8").splitlines()}
+        shared = [i for i in instructions if i in calibration]
+        if shared:
+            raise ValueError(f"{path}: {len(shared)} instruction(s) also in {CHAT_CALIBRATION.name}, "
+                             f"e.g. {shared[0]!r}")
+    return instructions
+
+
+def chat_prompt_ids(model, instruction: str) -> list[int]:
+    """The token ids Model.chat decodes for one user turn: the GGUF's template, special tokens parsed, BOS added
+    only where the model wants one and the template did not write it. The scores need the exact ids, not text."""
+    prompt = model.apply_chat_template([{"role": "user", "content": instruction}])
+    ids = model.tokenize(prompt, add_special=False, parse_special=True)
+    lead = model.tokenize("", add_special=True, parse_special=True)  # [BOS] where the vocabulary adds one
+    return ids if not lead or ids[:len(lead)] == lead else lead + ids
+
+
+def greedy_ids(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The greedy continuation as token ids, the end-of-generation token included when it comes. Model.generate
+    gives text only, and text tokenized back need not be the ids sampled, so this drives the engine's own calls
+    (prefill, a greedy sampler, step) as Model.stream does."""
+    from nanoquant import _core
+
+    engine = model._live()
+    settings = _core.SamplerSettings()
+    settings.temperature = 0.0
+    engine.prefill(list(prompt_ids))
+    engine.set_sampler(settings)
+    ids = []
+    for _ in range(max_tokens):
+        before = engine.n_cached
+        token = engine.step()
+        ids.append(int(token))
+        if engine.is_eog(token) or engine.n_cached == before:  # the end of the turn, or a full context
+            break
+    return ids
+
+
+def teacher_answers(teacher: Path, instructions: Path, out_dir: Path, max_tokens: int = CHAT_MAX_TOKENS,
+                    threads: int = 2, teacher_sha256: str | None = None) -> dict:
+    """The teacher's greedy answer ids to every instruction, made once: cached in out_dir under the teacher file's
+    sha256, the instruction file's and the generation settings, so every row is scored on the same tokens."""
+    key = {"teacher_sha256": teacher_sha256 or sha256(teacher), "instructions_sha256": sha256(instructions),
+           "max_tokens": max_tokens, "n_ctx": CHAT_N_CTX, "decoding": "greedy", "template": "gguf chat_template"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out = out_dir / f"chat-teacher-{digest}.json"
+    if out.is_file():
+        cached = json.loads(out.read_text())
+        if cached["key"] == key:
+            return cached
+    from nanoquant import Model
+
+    answers = []
+    with Model(teacher, n_ctx=CHAT_N_CTX, n_threads=threads, seed=0) as m:
+        for instruction in read_instructions(instructions):
+            prompt = chat_prompt_ids(m, instruction)
+            ids = greedy_ids(m, prompt, max_tokens)
+            answers.append({"instruction": instruction, "prompt_ids": prompt, "answer_ids": ids,
+                            "text": m.detokenize(ids)})
+    result = {"key": key, "teacher": teacher.name, "instructions": str(instructions), "answers": answers}
+    partial(out).write_text(json.dumps(result, indent=1) + "\n")
+    finish(out)
+    return result
+
+
+def talks(text: str) -> bool:
+    """The cheap "does it talk" test: some text after strip() holding a word of two or more letters."""
+    return re.search(r"[^\W\d_]{2,}", text.strip()) is not None
+
+
+def chat_scores(candidate: Path, answers: dict, threads: int = 2, own_tokens: int = CHAT_OWN_TOKENS) -> dict:
+    """A file scored on the teacher's answers, teacher-forced: one forward over prompt + answer each, so the
+    candidate is judged on the teacher's text, not on where its own first mistake leads; plus its own greedy
+    answers, as a count of the ones that hold a word and the first few for reading."""
+    import numpy as np
+    from nanoquant import Model
+
+    agree = scored = 0
+    nll = 0.0
+    own = []
+    with Model(candidate, n_ctx=CHAT_N_CTX, n_threads=threads, seed=0) as m:
+        for a in answers["answers"]:
+            prompt, target = a["prompt_ids"], np.asarray(a["answer_ids"], dtype=np.int64)
+            if len(target):
+                # row i predicts token i + 1: the answer's tokens come from the rows of the prompt's last token on
+                rows = m.logits(prompt + a["answer_ids"][:-1])[len(prompt) - 1:].astype(np.float64)
+                agree += int((rows.argmax(axis=1) == target).sum())
+                top = rows.max(axis=1)
+                log_z = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+                nll += float((log_z - rows[np.arange(len(target)), target]).sum())
+                scored += len(target)
+            own.append(m.generate(prompt, max_tokens=own_tokens, temperature=0))
+    return {"chat_top1": agree / scored if scored else None, "chat_ppl": math.exp(nll / scored) if scored else None,
+            "chat_answers": sum(map(talks, own)), "chat_instructions": len(own), "chat_tokens": scored,
+            "chat_samples": [t.strip()[:CHAT_SAMPLE_CHARS] for t in own[:CHAT_SAMPLES]]}
+
+
 class Bench:
-    def __init__(self, model: Path, chunks: int, threads: int, preset: str):
+    def __init__(self, model: Path, chunks: int, threads: int, preset: str,
+                 chat_instructions: Path = CHAT_INSTRUCTIONS, chat_tokens: int = CHAT_MAX_TOKENS):
         self.model, self.chunks, self.threads, self.preset = model, chunks, threads, preset
+        self.chat_instructions, self.chat_tokens = chat_instructions, chat_tokens
+        self._chat_protocol = self._answers = self._teacher_sha256 = None  # made on first use: they need the F32
         self.name = model.name.split(".")[0] if model.is_file() else model.name
         self.dir = RESULTS / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +358,28 @@ class Bench:
               f"relative difference {diff:.2e}{'' if diff < REF_TOLERANCE else ' -- OVER THE 1% TOLERANCE'}")
         return diff
 
+    def chat_protocol(self) -> dict:
+        """What a row's chat numbers depend on: a row whose protocol differs (or that has none) is scored again."""
+        if self._chat_protocol is None:
+            teacher = self.f32()
+            self._teacher_sha256 = sha256(teacher)
+            self._chat_protocol = {"instructions": self.chat_instructions.name,
+                                   "instructions_sha256": sha256(self.chat_instructions)[:16],
+                                   "max_tokens": self.chat_tokens, "own_tokens": CHAT_OWN_TOKENS,
+                                   "teacher": teacher.name, "teacher_sha256": self._teacher_sha256[:16]}
+        return self._chat_protocol
+
+    def chat(self, model: Path) -> dict:
+        """The row's chat fields: its scores on the teacher's answers (made on first use) and their protocol."""
+        protocol = self.chat_protocol()
+        if self._answers is None:
+            self._answers = teacher_answers(self.f32(), self.chat_instructions, self.dir, self.chat_tokens,
+                                            self.threads, self._teacher_sha256)
+        scores = chat_scores(model, self._answers, self.threads)
+        print(f"chat over {scores['chat_instructions']} instructions: top-1 {scores['chat_top1']:.3f}, "
+              f"ppl {scores['chat_ppl']:.2f}, {scores['chat_answers']} answers with a word", flush=True)
+        return {**scores, "chat_protocol": protocol}
+
     def cached(self, method: str, digest: str) -> dict | None:
         for r in self.rows:
             if r["method"] == method and r["sha256"] == digest and r["protocol"] == self.protocol:
@@ -248,6 +398,9 @@ class Bench:
         if hit is not None and row.kind == "nq" and hit.get("ref_protocol") != REF_PROTOCOL:
             hit.update(ref_rel_diff=self.reference_check(path), ref_protocol=REF_PROTOCOL)  # an older check: redo it
             self.save()
+        if hit is not None and hit.get("chat_protocol") != self.chat_protocol():  # older rows: chat only, no PPL
+            hit.update(self.chat(path))
+            self.save()
         if hit is not None:
             print(f"{row.method}: cached")
             return hit
@@ -262,7 +415,7 @@ class Bench:
         result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / info.dense_parameters,
                   "size_bytes": size, **self.score(path), "convert_s": seconds,
                   "ref_rel_diff": self.reference_check(path) if row.kind == "nq" else None,
-                  "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, "sha256": digest,
+                  "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, **self.chat(path), "sha256": digest,
                   "protocol": self.protocol, "note": row.note, "machine": machine(),
                   "conversion_settings": info.conversion_settings}  # NQ files record how they were made
         self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
@@ -299,15 +452,30 @@ def markdown(rows: list[dict], bench: Bench) -> str:
     teacher = next((r["ppl"] for r in rows if r["method"] == "F32"), None)
     lines = [f"Model `{bench.model.name}`; WikiText-2 test raw, ctx 512, first {bench.chunks} chunks, patched "
              f"llama-perplexity; kld/top1 against F32. Machine: {rows[0]['machine'] if rows else '-'}.", "",
-             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | convert_s | ref_rel_diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | chat_top1 | chat_ppl | "
+             "chat_answers | convert_s | ref_rel_diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['ppl'] / teacher:.2f}" if teacher else "-"
         convert = "-" if r["convert_s"] is None else f"{r['convert_s']:.0f}"
         ref = "-" if r.get("ref_rel_diff") is None else f"{r['ref_rel_diff']:.1e}"
+        chat = (f"{r['chat_top1']:.3f} | {r['chat_ppl']:.2f} | {r['chat_answers']}/{r['chat_instructions']}"
+                if r.get("chat_top1") is not None else "- | - | -")
         lines.append(f"| {r['method']} | {r['bpw_linear']:.3f} | {r['bpw_file']:.3f} | {r['size_bytes']:,} | "
-                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {convert} | {ref} |")
+                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {chat} | {convert} | {ref} |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
+    chat_rows = [r for r in rows if r.get("chat_protocol")]
+    if chat_rows:
+        c = chat_rows[0]["chat_protocol"]
+        lines += ["", f"chat_*: teacher-forced on the {c['teacher']} teacher's greedy answers (at most "
+                  f"{c['max_tokens']} tokens) to {chat_rows[0]['chat_instructions']} instructions of "
+                  f"`{c['instructions']}` (sha256 {c['instructions_sha256'][:12]}); chat_top1 is the share of answer "
+                  f"tokens where the file's argmax is the teacher's token, chat_ppl exp of their mean NLL; "
+                  f"chat_answers counts its own greedy answers ({c['own_tokens']} tokens) that hold a word."]
+    samples = [f"- {r['method']}: {json.dumps(r['chat_samples'][0], ensure_ascii=False)}"
+               for r in chat_rows if r.get("chat_samples")]
+    if samples:
+        lines += ["", "Each file's own greedy answer to the first instruction:", ""] + samples
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -325,7 +493,7 @@ def plot(rows: list[dict], out: Path, name: str, chunks: int) -> None:
             continue
         ax.scatter([r["bpw_linear"] for r in sel], [r["ppl"] for r in sel], marker=marker, label=family)
         for r in sel:
-            ax.annotate(r["method"].replace("ablation 1.0: ", ""), (r["bpw_linear"], r["ppl"]), fontsize=7,
+            ax.annotate(re.sub(r"^ablation [0-9.]+: ", "", r["method"]), (r["bpw_linear"], r["ppl"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -346,17 +514,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="standard", help="converter preset of the NanoQuant rows")
     p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {list(ROW_NAMES)}")
+    p.add_argument("--chat-instructions", type=Path, default=CHAT_INSTRUCTIONS,
+                   help="evaluation instructions of the chat metric, one a line")
+    p.add_argument("--chat-tokens", type=int, default=CHAT_MAX_TOKENS, help="most tokens of a teacher answer")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows or [] if r not in ROW_NAMES]
     if unknown:
         p.error(f"--rows: unknown {unknown}; known: {list(ROW_NAMES)}")
     if not args.model.exists():
         p.error(f"{args.model}: no such file or folder")
-    bench = Bench(args.model, args.chunks, args.threads, args.preset)
+    if args.chat_tokens < 1:
+        p.error("--chat-tokens: at least 1")
+    if not args.chat_instructions.is_file():
+        p.error(f"--chat-instructions: {args.chat_instructions}: no such file")
+    bench = Bench(args.model, args.chunks, args.threads, args.preset, args.chat_instructions, args.chat_tokens)
     for row in (ROW_NAMES[r] for r in args.rows) if args.rows else ROWS:
         r = bench.evaluate(row)
         print(f"{r['method']:<44} bpw_linear {r['bpw_linear']:.3f}  ppl {r['ppl']:.2f}  kld {r['kld']:.4f}  "
-              f"top1 {r['top1']:.3f}", flush=True)
+              f"top1 {r['top1']:.3f}  chat_top1 {r['chat_top1']:.3f}  chat_ppl {r['chat_ppl']:.2f}", flush=True)
     bench.save()
     print(f"wrote {bench.json_path} and .md/.png")
     return 0

@@ -101,10 +101,10 @@ def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smol_nq(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct at 1.0 bpw with a fast setting (a few minutes), shared by the tools' and the API's tests."""
+    """SmolLM2-135M-Instruct at 1.0 bpw with `make demo`'s setting (the fast preset), shared by the tools', the API's
+    and the demo's tests."""
     out = tmp_path_factory.mktemp("smol") / "smollm2-nq-1.0.gguf"
-    proc = run_converter(SMOL_GGUF, "--outfile", out, "--bpw", "1.0", "--preset", "fast",
-                         "--calib-windows", "8", "--admm-iterations", "15")
+    proc = run_converter(SMOL_GGUF, "--outfile", out, "--bpw", "1.0", "--preset", "fast")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "realized bpw" in proc.stdout
     return out

@@ -1,9 +1,13 @@
-"""The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline."""
+"""The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline,
+the chat metric."""
 import importlib.util
+import json
+import math
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO, make_tiny_model
 from nanoquant.baselines import row_sign, write_sign_baseline
@@ -11,9 +15,21 @@ from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, descr
 from nanoquant.reference import nq_layers, open_gguf
 
 
-def tiny_f32_gguf(tmp_path, tokenizer):
-    """A tiny random llama from transformers, as an F32 GGUF by llama.cpp's own converter."""
-    hf = make_tiny_model("llama", tmp_path / "hf", tokenizer)
+def tiny_f32_gguf(tmp_path, tokenizer, seed=0, block_gain=None):
+    """A tiny random llama from transformers, as an F32 GGUF by llama.cpp's own converter. block_gain scales the
+    blocks' output projections: at initialisation the residual stream is the input embedding, which the tied head
+    scores highest, so every random model only repeats its last token and two seeds answer alike."""
+    hf = make_tiny_model("llama", tmp_path / "hf", tokenizer, seed=seed)
+    if block_gain is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    param.mul_(block_gain)
+        model.save_pretrained(hf)
     f32 = tmp_path / "f32.gguf"
     subprocess.run([sys.executable, str(REPO / "vendor/llama.cpp/convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
                     "--outfile", str(f32)], check=True, capture_output=True)
@@ -133,3 +149,120 @@ def test_kernel_table_and_the_memory_streaming_shapes():
                                        row("64x64", "Q4_0", 9.0), row("64x64", "IQ1_S", 20.0)]})
     assert "Machine: M; numpy read 1 thread(s) 30.0 GB/s." in table
     assert "| 64x64 | 1 | 1 | 2.0 | 1.0 | 9.0 | 4.50 | - | 10.00 | - |" in table
+
+
+CHAT_INSTRUCTIONS = ["Name a colour.", "What is two plus two?", "Write one sentence about the sea."]
+THREADS = 1  # two llama.cpp threads on a busy 2-core machine wait on each other: 60x slower decoding than one
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory, smol_tokenizer):
+    """Two tiny random llamas of other seeds (F32 GGUFs with SmolLM2's tokenizer and chat template) that do not just
+    repeat their last token, and a short instruction file."""
+    work = tmp_path_factory.mktemp("chat")
+    teacher = tiny_f32_gguf(work / "teacher", smol_tokenizer, seed=0, block_gain=100.0)
+    other = tiny_f32_gguf(work / "other", smol_tokenizer, seed=1, block_gain=100.0)
+    instructions = work / "instructions.txt"
+    instructions.write_text("\n".join(CHAT_INSTRUCTIONS) + "\n\n")
+    return teacher, other, instructions
+
+
+def bench_quality():
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality
+    return quality
+
+
+def test_chat_prompt_is_the_one_model_chat_decodes(chat_models):
+    quality = bench_quality()
+    from nanoquant import Model
+
+    teacher, _, _ = chat_models
+    with Model(teacher, n_ctx=512, n_threads=THREADS) as m:
+        prompt = quality.chat_prompt_ids(m, "Name a colour.")
+        assert "<|im_start|>user\nName a colour.<|im_end|>" in m.apply_chat_template([{"role": "user",
+                                                                                         "content": "Name a colour."}])
+        assert m.detokenize(prompt, special=True).endswith("<|im_start|>assistant\n")
+        ids = quality.greedy_ids(m, prompt, 12)
+        # the ids sampled are the text Model.chat writes
+        assert m.detokenize(ids) == m.chat([{"role": "user", "content": "Name a colour."}], max_tokens=12,
+                                           temperature=0)
+        assert 1 <= len(ids) <= 12
+
+
+def test_chat_metric_scores_the_teacher_against_itself_and_another_model(chat_models, tmp_path, monkeypatch):
+    quality = bench_quality()
+    teacher, other, instructions = chat_models
+    answers = quality.teacher_answers(teacher, instructions, tmp_path, max_tokens=16, threads=THREADS)
+    assert [a["instruction"] for a in answers["answers"]] == CHAT_INSTRUCTIONS
+    assert all(1 <= len(a["answer_ids"]) <= 16 for a in answers["answers"])
+    cache = list(tmp_path.glob("chat-teacher-*.json"))
+    assert len(cache) == 1 and json.loads(cache[0].read_text()) == answers
+
+    # the second call reads the cache: nothing is generated
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached teacher answers were generated again")
+    monkeypatch.setattr(quality, "greedy_ids", no_generation)
+    assert quality.teacher_answers(teacher, instructions, tmp_path, max_tokens=16, threads=THREADS) == answers
+    monkeypatch.undo()
+    # other settings are another cache entry
+    quality.teacher_answers(teacher, instructions, tmp_path, max_tokens=4, threads=THREADS)
+    assert len(list(tmp_path.glob("chat-teacher-*.json"))) == 2
+
+    own = quality.chat_scores(teacher, answers, threads=THREADS, own_tokens=8)
+    assert own["chat_top1"] >= 0.95 and math.isfinite(own["chat_ppl"])
+    assert own["chat_tokens"] == sum(len(a["answer_ids"]) for a in answers["answers"])
+    assert 0 <= own["chat_answers"] <= own["chat_instructions"] == 3 and len(own["chat_samples"]) == 3
+    stranger = quality.chat_scores(other, answers, threads=THREADS, own_tokens=8)
+    assert stranger["chat_top1"] < own["chat_top1"] and stranger["chat_ppl"] > own["chat_ppl"]
+
+
+def test_talks_counts_answers_that_hold_a_word():
+    quality = bench_quality()
+    assert quality.talks(" Blue is a colour.") and quality.talks("ok")
+    assert not any(map(quality.talks, ["", "   \n", "1 + 1 = 2", "?? !! ..", "a"]))
+
+
+def test_calibration_instructions_are_never_the_evaluation_set(tmp_path, monkeypatch):
+    quality = bench_quality()
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("Tell me a joke.\nName a colour.\n")
+    monkeypatch.setattr(quality, "CHAT_CALIBRATION", calibration)
+    with pytest.raises(ValueError, match="not an evaluation set"):
+        quality.read_instructions(calibration)
+    shared = tmp_path / "eval.txt"
+    shared.write_text("What is two plus two?\nName a colour.\n")
+    with pytest.raises(ValueError, match="also in calibration.txt"):
+        quality.read_instructions(shared)
+    shared.write_text("What is two plus two?\n")
+    assert quality.read_instructions(shared) == ["What is two plus two?"]
+
+
+def test_cached_rows_get_the_chat_metric_without_being_scored_again(chat_models, tmp_path, monkeypatch):
+    """Rows of an older table keep their PPL; only the chat numbers are added, as ref_rel_diff once was."""
+    quality = bench_quality()
+    teacher, _, instructions = chat_models
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    bench = quality.Bench(teacher, quality.DEFAULT_CHUNKS, THREADS, "standard", instructions, 16)
+    f32 = bench.f32()
+    old = {"method": "F32", "bpw_linear": 32.0, "bpw_file": 32.1, "size_bytes": f32.stat().st_size, "ppl": 9.5,
+           "kld": 0.0, "top1": 1.0, "convert_s": None, "ref_rel_diff": None, "ref_protocol": None,
+           "sha256": quality.sha256(f32), "protocol": bench.protocol, "note": "", "machine": "M",
+           "conversion_settings": None}
+    bench.rows = [dict(old)]
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a cached row was scored again")
+    monkeypatch.setattr(bench, "score", no_scoring)
+    row = bench.evaluate(quality.ROW_NAMES["F32"])
+    assert row["ppl"] == 9.5 and row["chat_top1"] >= 0.95 and math.isfinite(row["chat_ppl"])
+    assert row["chat_protocol"]["max_tokens"] == 16 and row["chat_protocol"]["teacher"] == "F32.gguf"
+    saved = json.loads(bench.json_path.read_text())
+    assert saved[0]["chat_top1"] == row["chat_top1"]
+    table = bench.json_path.with_suffix(".md").read_text()
+    assert "| chat_top1 | chat_ppl | chat_answers |" in table
+    assert f"| {row['chat_top1']:.3f} | {row['chat_ppl']:.2f} | {row['chat_answers']}/3 |" in table
+
+    # scored once: a second evaluation under the same protocol finds it complete
+    monkeypatch.setattr(quality, "chat_scores", no_scoring)
+    assert bench.evaluate(quality.ROW_NAMES["F32"])["chat_top1"] == row["chat_top1"]

@@ -33,9 +33,11 @@ def test_two_bpw_is_no_longer_capped_at_full_rank():
     assert ranks["0.gate"] > 576 and ranks["0.k"] > 192  # beyond min(d_out, d_in)
 
 
-def test_a_bpw_below_rank_32_everywhere_is_refused():
-    with pytest.raises(ValueError, match="rank 32 in every layer"):
-        uniform_ranks(smol_layers(2), 0.1)
+def test_rank_32_is_the_floor_of_both_allocations():
+    layers = smol_layers(2)
+    flat = {layer.name: error_curve(torch.ones(576)) for layer in layers}
+    assert set(uniform_ranks(layers, 0.1).values()) == {32}
+    assert set(sensitivity_ranks(layers, 0.1, flat).values()) == {32}
 
 
 def test_sensitivity_ranks_follow_the_error_and_spend_the_budget():

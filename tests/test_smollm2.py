@@ -16,3 +16,14 @@ def test_llama_cli_answers_a_chat_prompt(smol_nq):
                     "--temp", "0", "-t", "2", "--simple-io", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.strip()) > 0
+
+
+def test_the_demo_answers_in_words(smol_nq):
+    """`make demo`'s chat turn: the answer itself (after llama-cli's prompt echo), not only some output."""
+    import re
+
+    from conftest import BIN
+    from nanoquant.demo import DEFAULT_PROMPT, chat_once
+
+    answer = chat_once(BIN, smol_nq, DEFAULT_PROMPT)
+    assert len(re.findall(r"[A-Za-z]{2,}", answer)) >= 3, repr(answer)

@@ -89,9 +89,11 @@ def read_conversations(path: Path) -> list[list[dict]]:
 
 def teacher_conversations(teacher_gguf: Path, instructions: list[str], tokens_needed: int, tokenizer, seed: int,
                           threads: int) -> list[list[dict]]:
-    """Single-turn conversations whose answers the teacher writes itself (greedy, through llama.cpp and the
-    GGUF's own chat template), instructions drawn in a seeded order until their rendered tokens reach
-    `tokens_needed` or the list is used up."""
+    """Single-turn conversations whose answers the teacher writes itself (through llama.cpp and the GGUF's own chat
+    template, sampled with llama.cpp's default settings and seeded), instructions drawn in a seeded order until their
+    rendered tokens reach `tokens_needed` or the list is used up. Sampled, not greedy: a small model's greedy answers
+    loop on one sentence until the length limit (SmolLM2: 'The fastest land animal is not a specific animal...' x6),
+    which would calibrate on repetition and on answers that never end their turn."""
     from .model import Model
 
     order = torch.randperm(len(instructions), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -102,7 +104,7 @@ def teacher_conversations(teacher_gguf: Path, instructions: list[str], tokens_ne
             if tokens >= tokens_needed:
                 break
             question = [{"role": "user", "content": instructions[i]}]
-            answer = teacher.chat(question, max_tokens=CHAT_ANSWER_TOKENS, temperature=0)
+            answer = teacher.chat(question, max_tokens=CHAT_ANSWER_TOKENS)  # seeded by Model(seed=...)
             conversations.append(question + [{"role": "assistant", "content": answer.strip()}])
             rendered = len(render_conversation(tokenizer, conversations[-1], None))
             tokens += rendered

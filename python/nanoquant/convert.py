@@ -330,8 +330,10 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
     for name, rank in ranks.items():
         by_type.setdefault(name.split(".", 3)[3], []).append(rank)
     spread = ", ".join(f"{t.split('.')[-1]} {min(r)}-{max(r)}" for t, r in by_type.items())
-    print(f"rank allocation ({settings.rank_allocation}): {ranks_module.realized_bpw(layers, ranks):.4f} bpw of "
-          f"{settings.bpw} target; ranks {spread}")
+    realized = ranks_module.realized_bpw(layers, ranks)
+    floor = " (rank 32, the floor, in every layer)" if realized > settings.bpw else ""
+    print(f"rank allocation ({settings.rank_allocation}): {realized:.4f} bpw of {settings.bpw} target{floor}; "
+          f"ranks {spread}")
     return ranks
 
 
