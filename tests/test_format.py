@@ -55,7 +55,7 @@ def test_bad_shapes_are_rejected():
 
 @pytest.mark.parametrize("d_out,d_in,bpw,expected", [
     (576, 576, 1.0, 256), (192, 576, 1.0, 96), (1536, 576, 1.0, 384), (576, 1536, 1.0, 384),
-    (192, 576, 0.55, 32), (4096, 4096, 1.0, 2016), (64, 64, 8.0, 64),
+    (192, 576, 0.55, 32), (4096, 4096, 1.0, 2016), (64, 64, 8.0, 224),  # no cap at min(d_out, d_in)
 ])
 def test_rank_rule(d_out, d_in, bpw, expected):
     r = formats.rank_for_bpw(d_out, d_in, bpw)
