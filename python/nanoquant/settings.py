@@ -62,7 +62,8 @@ def value_at(settings, path: str):
 PRESETS: dict[str, ConvertSettings] = {
     # fast: a short model reconstruction pays most (SmolLM2, same blocks: 20 distillation steps took 20-chunk PPL
     # 1208 -> 532 and 5 -> 14 of 16 held-out questions answered in words); ADMM 16 and STE 32 to pay for them gave
-    # 778 in the same protocol, so ADMM and STE keep their counts
+    # 778 in the same protocol (with sampled instead of greedy calibration answers too: the two are not separated),
+    # so ADMM and STE keep their counts
     "fast": ConvertSettings(
         calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=20),
         tune=TuneSettings(dense_steps=0, factor_steps=40, batch_windows=1, scope="block"),
