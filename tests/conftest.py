@@ -20,8 +20,10 @@ TINY_ARCHS = {"llama": "llama", "qwen3": "qwen3", "mistral": "llama", "gemma3": 
 # the whole method at token effort: dense tuning, ADMM, STE tuning (q/k/v biases too on qwen2), scale distillation
 TINY_METHOD_ARGS = ("--calib-windows", "4", "--calib-window-tokens", "256", "--admm-iterations", "20",
                     "--dense-steps", "2", "--factor-steps", "3", "--distill-steps", "2", "--tune-batch", "2")
-# one family also carries the per-rank scale s_mid, so llama.cpp's and the reference's handling of it are compared
-TINY_EXTRA_ARGS = {"llama": ("--mid-scale", "on")}
+# one family also carries the per-rank scale s_mid, so llama.cpp's and the reference's handling of it are compared;
+# two store q, k and v as one shared-input layer (llama.cpp's fused attn_qkv): mistral with RoPE-permuted q/k rows,
+# gemma3 with q/k norms after the fused product
+TINY_EXTRA_ARGS = {"llama": ("--mid-scale", "on"), "mistral": ("--shared-v", "qkv"), "gemma3": ("--shared-v", "qkv")}
 
 
 def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

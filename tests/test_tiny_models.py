@@ -13,7 +13,9 @@ N_CTX, CHUNKS = 512, 4
 def test_llama_perplexity_matches_reference_forward(kind, tiny_nq_models, eval_text):
     path = tiny_nq_models[kind]
     info = describe(path)
-    assert info.architecture == TINY_ARCHS[kind] and len(info.layers) == 14
+    shared = "--shared-v" in TINY_EXTRA_ARGS.get(kind, ())
+    assert info.architecture == TINY_ARCHS[kind] and len(info.layers) == (10 if shared else 14)  # 2 blocks
+    assert any(l.base == "blk.0.attn_qkv" for l in info.layers) == shared
     has_mid = "--mid-scale" in TINY_EXTRA_ARGS.get(kind, ())  # at 1.0 bpw every tiny layer has room for s_mid
     assert all(l.bits == formats.LayerBits(l.d_out, l.d_in, l.rank, has_s_mid=has_mid).bits for l in info.layers)
     ppl_cpp = llama_perplexity(path, eval_text, N_CTX, CHUNKS)

@@ -16,6 +16,24 @@ LLAMA_STYLE_LINEARS = (
 
 
 @dataclass(frozen=True)
+class SharedInputUnit:
+    """Linears that read the same input, factorised as one matrix of their stacked rows: one V (and s_pre, s_mid)
+    for all, one block of U rows and s_post per member. llama.cpp multiplies such a layer as its fused tensor (one
+    matmul, then views), which every supported family's graph has (build_qkv), so no loader change is needed."""
+    name: str                 # the unit's name inside a block, in Hugging Face style
+    members: tuple[str, ...]  # in llama.cpp's row order of the fused tensor
+    gguf_tensor: gguf.MODEL_TENSOR
+
+
+# --shared-v choices; "none" keeps every linear its own factors
+SHARED_INPUT_UNITS = {
+    "qkv": SharedInputUnit("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           gguf.MODEL_TENSOR.ATTN_QKV),
+}
+SHARED_NONE = "none"
+
+
+@dataclass(frozen=True)
 class Architecture:
     gguf_arch: gguf.MODEL_ARCH
     linears: tuple[str, ...] = LLAMA_STYLE_LINEARS
@@ -27,6 +45,24 @@ class Architecture:
     @property
     def gguf_arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def units(self, shared_v: str = SHARED_NONE) -> tuple[str, ...]:
+        """The factorised layers of a block in the method's order: each linear, or a shared-input unit in the place
+        of its first member."""
+        if shared_v == SHARED_NONE:
+            return self.linears
+        unit = SHARED_INPUT_UNITS[shared_v]
+        return tuple(unit.name if linear == unit.members[0] else linear
+                     for linear in self.linears if linear == unit.members[0] or linear not in unit.members)
+
+
+def unit_members(unit: str) -> tuple[str, ...]:
+    """The linears a factorised layer ('self_attn.q_proj' or a shared-input unit's name) stands for."""
+    shared = _SHARED_BY_NAME.get(unit)
+    return (unit,) if shared is None else shared.members
+
+
+_SHARED_BY_NAME = {u.name: u for u in SHARED_INPUT_UNITS.values()}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -78,7 +114,11 @@ def _tensor_name_map(gguf_arch, n_layers: int):
 
 
 def gguf_base_name(arch: Architecture, n_layers: int, hf_name: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'blk.3.attn_q' through gguf-py's tensor name map."""
+    """'model.layers.3.self_attn.q_proj' -> 'blk.3.attn_q' through gguf-py's tensor name map; a shared-input unit
+    ('model.layers.3.self_attn.qkv_proj') -> its fused tensor ('blk.3.attn_qkv')."""
+    block, _, unit = hf_name.partition(".layers.")[2].partition(".")
+    if unit in _SHARED_BY_NAME:
+        return gguf.TENSOR_NAMES[_SHARED_BY_NAME[unit].gguf_tensor].format(bid=int(block))
     name = _tensor_name_map(arch.gguf_arch, n_layers).get_name(hf_name)
     if name is None:
         raise KeyError(f"no GGUF name for {hf_name} in architecture {arch.gguf_arch_name}")

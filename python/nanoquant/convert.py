@@ -40,6 +40,8 @@ from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, DistillSettings, Fro
                           run_block_batched, saved_activation_bytes, tune_block)
 from .settings import CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, PRESETS, ConvertSettings, add_options, settings_from_args
 from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
+from .units import (install_unit, member_names, unit_bias, unit_module, unit_preconditioners, unit_rows, unit_shape,
+                    unit_weight)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_DIR = Path(os.environ.get("NANOQUANT_LLAMA_CPP", REPO_ROOT / "vendor" / "llama.cpp"))
@@ -127,7 +129,7 @@ def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch
     layers, sum r (d_in + d_out), so that the conversion takes about the same time."""
     if settings.effort_bpw is None or settings.bpw <= settings.effort_bpw or not settings.rank_scaled:
         return settings
-    shapes = [tuple(block.get_submodule(linear).weight.shape) for linear in arch.linears]
+    shapes = [unit_shape(block, unit) for unit in arch.units(settings.shared_v)]
     cost = lambda bpw: sum(formats.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
     ratio = cost(settings.effort_bpw) / cost(settings.bpw)
     if ratio >= 1.0:
@@ -141,11 +143,6 @@ def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch
     print(f"effort: ranks at {settings.bpw} bpw cost {1 / ratio:.2f}x those at {settings.effort_bpw}: ADMM "
           f"{admm.iterations} iterations, {tune.factor_steps} STE steps ({settings.distill.steps} distillation steps)")
     return replace(settings, admm=admm, tune=tune)
-
-
-def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _layer_report(name: str, original: torch.Tensor, layer: LowRankBinary, pre_in, pre_out) -> LayerReport:
@@ -194,7 +191,8 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
     gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
     block = model.model.layers[index]
     prefix = f"model.layers.{index}."
-    originals = {linear: block.get_submodule(linear).weight.detach().clone() for linear in arch.linears}
+    units = arch.units(settings.shared_v)
+    originals = {unit: unit_weight(block, unit).detach().clone() for unit in units}
     clock = BlockClock()
     if data is not None:
         data.index = index
@@ -204,11 +202,12 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
         fixed = torch.linspace(0, data.fp.shape[0] - 1, min(LOG_WINDOWS, data.fp.shape[0])).round().long()
         loss = lambda: block_loss(block, data, target, channel_weights, fixed)  # noqa: E731
         clock.lap("targets")
-    groups = [[linear] for linear in arch.linears] if tune.scope == "layer" else [list(arch.linears)]
+    groups = [[unit] for unit in units] if tune.scope == "layer" else [list(units)]
     finished: dict[str, tuple[LowRankBinary, torch.Tensor | None]] = {}
     for g, group in enumerate(groups):
         if data is not None and tune.dense_steps > 0:  # step 1: the still-dense layers absorb upstream error
-            remaining = [block.get_submodule(linear).weight for later in groups[g:] for linear in later]
+            remaining = [block.get_submodule(member).weight for later in groups[g:] for unit in later
+                         for member in member_names(unit)]
             for w in remaining:
                 w.requires_grad_(True)
             tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
@@ -217,18 +216,17 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
                 w.requires_grad_(False)
             clock.lap("dense tuning")
         layers = {}
-        for linear in group:  # step 2: LB-ADMM on the (tuned) dense weight
-            dense = block.get_submodule(linear)
-            weight = dense.weight.detach().float()
-            pre_in, pre_out = stats[prefix + linear].preconditioners(gamma)
-            layers[linear] = factorize(weight, ranks[prefix + linear], pre_in, pre_out, settings.admm,
-                                       mid_scale=settings.mid_scale, seed=seed)
+        for unit in group:  # step 2: LB-ADMM on the (tuned) dense weight
+            weight = unit_weight(block, unit).detach().float()
+            pre_in, pre_out = unit_preconditioners(stats, prefix + unit, gamma, weight)
+            layers[unit] = factorize(weight, ranks[prefix + unit], pre_in, pre_out, settings.admm,
+                                     mid_scale=settings.mid_scale, seed=seed)
         clock.lap("ADMM")
-        biases = {linear: block.get_submodule(linear).bias for linear in group}
+        biases = {unit: unit_bias(block, unit) for unit in group}
         if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of the new factors' signs and scales
-            trainables = {linear: TrainableLowRankBinary(layers[linear], biases[linear]) for linear in group}
-            for linear, t in trainables.items():
-                _set_submodule(block, linear, t)
+            trainables = {unit: TrainableLowRankBinary(layers[unit], biases[unit]) for unit in group}
+            for unit, t in trainables.items():
+                install_unit(block, unit, t)
             after_admm = loss()
             clock.lap("ADMM")
             tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, channel_weights,
@@ -237,20 +235,21 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
             label = group[0] if len(group) == 1 else "all linears"
             tqdm.write(f"block {index} ({label}): block loss on {len(fixed)} fixed windows after ADMM "
                        f"{after_admm:.4g}, after STE tuning {loss():.4g}")
-            for linear, t in trainables.items():
-                layers[linear] = t.finalize()
-                biases[linear] = None if t.bias is None else t.bias.detach().clone()
-        for linear in group:
-            _set_submodule(block, linear, FrozenLowRankBinary(layers[linear], biases[linear]))
-            finished[prefix + linear] = (layers[linear], biases[linear])
+            for unit, t in trainables.items():
+                layers[unit] = t.finalize()
+                biases[unit] = None if t.bias is None else t.bias.detach().clone()
+        for unit in group:
+            install_unit(block, unit, FrozenLowRankBinary(layers[unit], biases[unit]))
+            finished[prefix + unit] = (layers[unit], biases[unit])
             progress.update(1)
     if data is not None:
         data.fp = target
         data.quantized = run_block_batched(block, data.quantized, data.kwargs)
         clock.lap("streams")
     tqdm.write(f"block {index}: {clock}")
-    reports = [_layer_report(prefix + linear, originals[linear], finished[prefix + linear][0],
-                             *stats[prefix + linear].preconditioners(gamma)) for linear in arch.linears]
+    reports = [_layer_report(prefix + unit, originals[unit], finished[prefix + unit][0],
+                             *unit_preconditioners(stats, prefix + unit, gamma, originals[unit]))
+               for unit in units]
     return finished, reports
 
 
@@ -311,8 +310,7 @@ def calibration(source: Source, settings: ConvertSettings, work: WorkFolder) -> 
 def allocate_ranks(model, source: Source, stats, names: list[str], settings: ConvertSettings) -> dict[str, int]:
     """Every layer's rank at the target's total bits (ranks.py). The sensitivity allocation reads the singular values
     of each layer's weight in its Fisher-diagonal norm, one block's weights in memory at a time."""
-    layers = [ranks_module.LayerShape(name, *model.get_submodule(name).weight.shape, has_s_mid=settings.mid_scale)
-              for name in names]
+    layers = [ranks_module.LayerShape(name, *unit_shape(model, name), has_s_mid=settings.mid_scale) for name in names]
     if settings.rank_allocation == ranks_module.UNIFORM:
         ranks = ranks_module.uniform_ranks(layers, settings.bpw)
     else:
@@ -321,8 +319,9 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
         for i in tqdm(range(len(model.model.layers)), desc="rank allocation", unit="block"):
             source.blocks.load(model, i)
             for name in (n for n in names if n.startswith(f"model.layers.{i}.")):
-                pre_in, pre_out = stats[name].preconditioners(gamma)
-                weighted = pre_out[:, None] * model.get_submodule(name).weight.detach().float() * pre_in[None, :]
+                weight = unit_weight(model, name).detach().float()
+                pre_in, pre_out = unit_preconditioners(stats, name, gamma, weight)
+                weighted = pre_out[:, None] * weight * pre_in[None, :]
                 curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted))
             source.blocks.release(model, i)
         ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves)
@@ -344,14 +343,15 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     model.requires_grad_(False)
     settings = rank_scaled_settings(settings, model.model.layers[0], arch)
     n_layers = config.num_hidden_layers
-    names = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
+    names = [f"model.layers.{i}.{unit}" for i in range(n_layers) for unit in arch.units(settings.shared_v)]
+    linears = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     windows = calibration(source, settings, work)
     print(f"calibration: {peaks.end_stage()}")
     clock = time.time()
     stats = work.load_stats()
     if stats is None:
         scratch = work.path / "scratch"
-        stats = StatsCollector(names).collect(model, source.blocks, windows, scratch)
+        stats = StatsCollector(linears).collect(model, source.blocks, windows, scratch)
         scratch.rmdir()
         work.save_stats(stats)
         print(f"statistics: {time.time() - clock:.0f} s, {peaks.end_stage()}")
@@ -372,13 +372,13 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
 
     reports: list[LayerReport] = []
     clock = time.time()
-    progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(arch.linears))
+    progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(names) // n_layers)
     for i in range(n_layers):
         source.blocks.load(model, i)  # the dense block (norms stay; factorised linears replace the rest)
         if i < first:  # finished by an earlier run
             layers, block_reports = work.load_block(i)
             for name, (layer, bias) in layers.items():
-                _set_submodule(model, name, FrozenLowRankBinary(layer, bias))
+                install_unit(model, name, FrozenLowRankBinary(layer, bias))
         else:
             layers, block_reports = quantize_block(model, i, source, stats, ranks, settings, data, progress)
             stream = {} if data is None else {"fp": data.fp, "quantized": data.quantized}
@@ -395,8 +395,8 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         losses = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed)
         print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
               f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
-    tensors = [_to_file_order(arch, config, n_layers, name, name.split(".", 3)[3], model.get_submodule(name).layer(),
-                              model.get_submodule(name).bias) for name in names]
+    tensors = [_to_file_order(arch, config, n_layers, name, unit_module(model, name).layer(),
+                              unit_module(model, name).bias, unit_rows(model, name)) for name in names]
     return tensors, reports, settings
 
 
@@ -410,16 +410,26 @@ def _distill_recompute(setting: str, blocks, data: BlockData) -> bool:
     return recompute
 
 
-def _to_file_order(arch, config, n_layers, name, linear, layer: LowRankBinary,
-                   bias: torch.Tensor | None) -> NQLayerTensors:
+def _to_file_order(arch, config, n_layers, name, layer: LowRankBinary, bias: torch.Tensor | None,
+                   rows: list[int]) -> NQLayerTensors:
+    """The unit's tensors in llama.cpp's row order, each member's rows permuted as llama.cpp's converter permutes
+    that linear; a shared-input unit's tuned biases stay its members' own tensors (llama.cpp adds them to the fused
+    product as they are)."""
     u, s_post = layer.u.numpy(), layer.s_post.numpy()
     bias = None if bias is None else bias.detach().numpy()
-    perm = gguf_row_permutation(arch, linear, u.shape[0], config)
-    if perm is not None:
-        u, s_post = u[perm], s_post[perm]
-        bias = None if bias is None else bias[perm]
-    return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u, v=layer.v.numpy(),
-                          s_pre=layer.s_pre.numpy(), s_post=s_post, bias=bias,
+    bounds = np.cumsum([0, *rows])
+    order, biases, replaces = [], {}, []
+    for member, start, stop in zip(member_names(name), bounds[:-1], bounds[1:]):
+        perm = gguf_row_permutation(arch, member.split(".", 3)[3], int(stop - start), config)
+        rows_in_file = np.arange(start, stop) if perm is None else start + perm
+        order.append(rows_in_file)
+        base = gguf_base_name(arch, n_layers, member)
+        replaces.append(base)
+        if bias is not None:
+            biases[f"{base}.bias"] = bias[rows_in_file]
+    order = np.concatenate(order)
+    return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u[order], v=layer.v.numpy(),
+                          s_pre=layer.s_pre.numpy(), s_post=s_post[order], biases=biases, replaces=tuple(replaces),
                           s_mid=None if layer.s_mid is None else layer.s_mid.numpy())
 
 

@@ -82,7 +82,7 @@ def describe(path: Path) -> FileInfo:
 
 
 # llama.cpp's names of the decoder linear layers, the ones NanoQuant replaces and bpw_linear counts
-DECODER_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)$")
+DECODER_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down)$")
 
 
 def _decoder_linears(path: Path) -> list[tuple[str, int, int, int]]:

@@ -5,7 +5,7 @@ The file is written under a temporary name next to the target and renamed only o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -19,13 +19,18 @@ from . import formats
 @dataclass
 class NQLayerTensors:
     """A factorised layer in llama.cpp's row order, ready to store."""
-    base: str               # e.g. blk.3.attn_q
+    base: str               # e.g. blk.3.attn_q, or blk.3.attn_qkv for a shared-input unit
     u: np.ndarray           # d_out x r signs (any signed dtype: negative is -1)
     v: np.ndarray           # r x d_in signs
     s_pre: np.ndarray | None
     s_post: np.ndarray | None
     s_mid: np.ndarray | None = None
-    bias: np.ndarray | None = None  # a tuned bias replaces the base file's <base>.bias
+    biases: dict[str, np.ndarray] = field(default_factory=dict)  # tuned biases, replacing the base file's by name
+    replaces: tuple[str, ...] = ()  # the dense layers whose <name>.weight it takes the place of (default: base)
+
+    @property
+    def replaced_weights(self) -> list[str]:
+        return [f"{name}.weight" for name in (self.replaces or (self.base,))]
 
 
 def _requantize(name: str, t, target: GGMLQuantizationType):
@@ -75,8 +80,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     base_path, out_path = Path(base_path), Path(out_path)
     reader = GGUFReader(base_path)
     arch = reader.fields["general.architecture"].contents()
-    replaced = {f"{layer.base}.weight" for layer in layers}
-    biases = {f"{layer.base}.bias": layer.bias for layer in layers if layer.bias is not None}
+    replaced = {name for layer in layers for name in layer.replaced_weights}
+    biases = {name: values for layer in layers for name, values in layer.biases.items()}
     missing = sorted((replaced | set(biases)) - {t.name for t in reader.tensors})
     if missing:
         raise ValueError(f"{base_path}: has no tensors {', '.join(missing[:5])} to replace")

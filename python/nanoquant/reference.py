@@ -15,9 +15,10 @@ from gguf import GGUFReader, GGMLQuantizationType
 
 from . import formats
 from .admm import lowrank_binary_product
-from .architectures import UnsupportedArchitecture, gguf_base_name, gguf_row_permutation
+from .architectures import SHARED_INPUT_UNITS, UnsupportedArchitecture, gguf_base_name, gguf_row_permutation
 from .fileinfo import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
 from .streaming import GGUFTensors, gguf_config, tensor_as_float
+from .units import install_unit, member_names, unit_rows, unit_shape
 
 
 class LowRankBinaryLinear(torch.nn.Module):
@@ -96,31 +97,38 @@ def load_reference_model(path: Path):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     used: set[str] = set()
+    units = (*arch.linears, *(unit.name for unit in SHARED_INPUT_UNITS.values()))
     for i in range(config.num_hidden_layers):
-        for linear in arch.linears:
-            hf_name = f"model.layers.{i}.{linear}"
+        for unit in units:
+            hf_name = f"model.layers.{i}.{unit}"
             base = gguf_base_name(arch, config.num_hidden_layers, hf_name)
             nq = layers.get(base)
             if nq is None:
                 continue
-            parent, child = hf_name.rsplit(".", 1)
-            dense = model.get_submodule(hf_name)
-            u, s_post = nq.u, nq.s_post
-            perm = gguf_row_permutation(arch, linear, u.shape[0], config)
-            if perm is not None:  # back to Hugging Face's row order
-                inv = np.argsort(perm)
-                u = u[inv]
-                s_post = None if s_post is None else s_post[inv]
-            bias = by_name.get(f"{base}.bias")
+            expected = unit_shape(model, hf_name)
+            if (nq.u.shape[0], nq.v.shape[1]) != expected:
+                raise NQFormatError(f"{path}: {base} is {nq.u.shape[0]}x{nq.v.shape[1]}, the model expects "
+                                    f"{expected[0]}x{expected[1]}")
+            # back to Hugging Face's row order, member by member (the file holds each as llama.cpp permutes it)
+            bounds = np.cumsum([0, *unit_rows(model, hf_name)])
+            members = member_names(hf_name)
+            file_rows = []
+            for member, start, stop in zip(members, bounds[:-1], bounds[1:]):
+                perm = gguf_row_permutation(arch, member.split(".", 3)[3], int(stop - start), config)
+                file_rows.append(np.arange(start, stop) if perm is None else start + perm)
+            inv = np.argsort(np.concatenate(file_rows))
+            u, s_post = nq.u[inv], None if nq.s_post is None else nq.s_post[inv]
+            bias_names = [f"{gguf_base_name(arch, config.num_hidden_layers, m)}.bias" for m in members]
+            found = [by_name.get(b) for b in bias_names]
+            if any(b is None for b in found) and any(b is not None for b in found):
+                raise NQFormatError(f"{path}: {base} has biases for some of {', '.join(bias_names)} but not all")
+            bias = None if found[0] is None else np.concatenate([tensor_as_float(b).reshape(-1) for b in found])[inv]
             module = LowRankBinaryLinear(
-                torch.from_numpy(u), torch.from_numpy(nq.v),
+                torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(nq.v),
                 *(None if s is None else torch.from_numpy(np.ascontiguousarray(s)) for s in (nq.s_pre, nq.s_mid, s_post)),
-                bias=None if bias is None else torch.from_numpy(tensor_as_float(bias).reshape(-1)))
-            if (module.out_features, module.in_features) != (dense.out_features, dense.in_features):
-                raise NQFormatError(f"{path}: {base} is {module.out_features}x{module.in_features}, the model "
-                                    f"expects {dense.out_features}x{dense.in_features}")
-            setattr(model.get_submodule(parent), child, module)
-            used.update(f"{base}.{s}" for s in formats.SUFFIXES + ("bias",))
+                bias=None if bias is None else torch.from_numpy(np.ascontiguousarray(bias)))
+            install_unit(model, hf_name, module)
+            used.update([f"{base}.{s}" for s in formats.SUFFIXES] + bias_names)
 
     state = {hf_name: tensors.get(hf_name, param.shape) for hf_name, param in model.named_parameters()
              if not (config.tie_word_embeddings and hf_name == "lm_head.weight")}

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gguf
 
 from .admm import AdmmSettings
+from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
 from .calibration import DEFAULT_CALIBRATION_TEXT
 from .ranks import ALLOCATIONS, UNIFORM
 from .reconstruct import RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
@@ -38,6 +39,7 @@ class ConvertSettings:
     distill: DistillSettings = DistillSettings()
     rank_allocation: str = UNIFORM  # how the bits are shared among the layers (ranks.py)
     mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
+    shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
     other_type: str = "Q8_0"
     threads: int = 0
     effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
@@ -142,6 +144,10 @@ OPTIONS: tuple[Option, ...] = (
            "same total bits)", choices=ALLOCATIONS),
     Option("--mid-scale", "mid_scale", _on_off,
            "a per-rank scale s_mid in every layer (32 bits a rank, within the same bit budget)", metavar="on|off"),
+    Option("--shared-v", "shared_v", str,
+           "qkv: q, k and v (one input) factorised as one stacked layer, one V for the three and their ranks' bits "
+           "pooled, stored as llama.cpp's fused attn_qkv; none: each linear its own factors",
+           choices=(SHARED_NONE, *SHARED_INPUT_UNITS)),
     Option("--seed", "seed", int, "seed of calibration sampling, ADMM, tuning and distillation"),
     Option("--other-type", "other_type", _ggml_type, "ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
