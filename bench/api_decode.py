@@ -30,7 +30,7 @@ def default_model() -> Path:
     bench = Bench(DEFAULT_MODEL, 150, 2, "standard")
     converted = bench.dir / "NQ-1.0.gguf"
     return converted if converted.is_file() else synthetic_nq(bench.f32(), bench.dir /
-                                                               "decode-NQ-1.0-random-signs.gguf", 1.0)
+                                                               "decode-NQ-1.0-random-signs.gguf", 1.0, "q8_0")
 
 
 def llama_bench_tg(model: Path, threads: int, tokens: int) -> float:

@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, machine, partial, run  # noqa: E402
+from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, machine, partial, run, slug  # noqa: E402
 
 LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
-NQ_BPW = {"NQ-1.0": 1.0, "NQ-0.55": 0.55}
+@dataclass(frozen=True)
+class NQVariant:
+    bpw: float
+    quality_row: str          # the bench/quality.py row whose converted file is used where it exists
+    shared_v: str = "none"    # --shared-v of the converter: "qkv" stores q/k/v as one fused attn_qkv layer
+
+
+NQ_VARIANTS = {
+    "NQ-1.0": NQVariant(1.0, "NQ 1.0"),
+    "NQ-0.55": NQVariant(0.55, "NQ 0.55"),
+    "NQ-1.0-shared-qkv": NQVariant(1.0, "ablation 1.0: shared q/k/v V", shared_v="qkv"),
+}
 DEFAULT_HEAD = "q8_0"
 SYNTH = dict(hidden=2048, ffn=5632, blocks=22, heads=32, kv_heads=4, ctx=2048)
 
@@ -67,10 +79,11 @@ def smollm2_files(threads: int, head: str) -> dict[str, Path]:
     kernels do the same work whatever the signs)."""
     bench = Bench(DEFAULT_MODEL, 150, threads, "standard")
     files = {}
-    for name, bpw in NQ_BPW.items():
-        converted = bench.dir / f"NQ-{bpw}.gguf"
+    for name, variant in NQ_VARIANTS.items():
+        converted = bench.dir / f"{slug(variant.quality_row)}.gguf"
         files[name] = converted if converted.is_file() and head == DEFAULT_HEAD else synthetic_nq(
-            bench.f32(), bench.dir / f"decode-{name}-random-signs{head_suffix(head)}.gguf", bpw, head)
+            bench.f32(), bench.dir / f"decode-{name}-random-signs{head_suffix(head)}.gguf", variant.bpw, head,
+            variant.shared_v)
     for t in LLAMA_TYPES:
         imatrix = bench.imatrix() if t.startswith("IQ") else None
         files[t] = quantize(bench.f32(), bench.dir / f"decode-{t}{head_suffix(head)}.gguf", t, imatrix, threads, head)
@@ -123,11 +136,12 @@ def synthetic_base(folder: Path) -> Path:
     return out
 
 
-def synthetic_nq(base: Path, out: Path, bpw: float, head: str) -> Path:
+def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "none") -> Path:
     """Random signs at the method's ranks for every decoder linear layer; everything else from the base, in `head`.
     s_post = rms(base weight) / sqrt(rank) gives each layer the output scale of the base layer, so attention sees
     activations of the same size on both sides (10x larger ones sent libm's expf into its slow underflow path and
-    made flash attention a tenth of the NQ model's token time at tg64, against 1% for Q4_0)."""
+    made flash attention a tenth of the NQ model's token time at tg64, against 1% for Q4_0). shared_v "qkv": each
+    block's q, k and v as one fused attn_qkv layer at the rank of their stacked shape, as `--shared-v qkv` writes."""
     import gguf
     from nanoquant import formats
     from nanoquant.fileinfo import DECODER_LINEAR
@@ -136,16 +150,22 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str) -> Path:
     if out.is_file():
         return out
     rng = np.random.default_rng(1)
-    layers = []
+    signs = lambda *shape: np.where(rng.random(shape, np.float32) < 0.5, -1, 1).astype(np.int8)  # noqa: E731
+    fused = {"none": {}, "qkv": {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv"}}[shared_v]
+    groups: dict[str, list] = {}  # layer base -> the dense tensors it replaces
     for t in gguf.GGUFReader(base).tensors:
         if t.name.endswith(".weight") and DECODER_LINEAR.search(t.name[: -len(".weight")]):
-            d_in, d_out = (int(x) for x in t.shape[:2])
-            rank = formats.rank_for_bpw(d_out, d_in, bpw)
-            signs = lambda *shape: np.where(rng.random(shape, np.float32) < 0.5, -1, 1).astype(np.int8)  # noqa: E731
-            weight_rms = float(np.sqrt(np.mean(np.square(t.data, dtype=np.float64))))
-            layers.append(NQLayerTensors(base=t.name[: -len(".weight")], u=signs(d_out, rank), v=signs(rank, d_in),
-                                         s_pre=np.ones(d_in, np.float32),
-                                         s_post=np.full(d_out, weight_rms / np.sqrt(rank), np.float32)))
+            block, _, linear = t.name[: -len(".weight")].rpartition(".")
+            groups.setdefault(f"{block}.{fused.get(linear, linear)}", []).append(t)
+    layers = []
+    for name, tensors in groups.items():
+        d_in, d_out = int(tensors[0].shape[0]), sum(int(t.shape[1]) for t in tensors)
+        rank = formats.rank_for_bpw(d_out, d_in, bpw)
+        post = np.concatenate([np.full(int(t.shape[1]), np.sqrt(np.mean(np.square(t.data, dtype=np.float64))) /
+                                       np.sqrt(rank), np.float32) for t in tensors])
+        layers.append(NQLayerTensors(base=name, u=signs(d_out, rank), v=signs(rank, d_in),
+                                     s_pre=np.ones(d_in, np.float32), s_post=post,
+                                     replaces=tuple(t.name[: -len(".weight")] for t in tensors)))
     meta = {formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
     write_nq_gguf(base, out, layers, gguf.GGMLQuantizationType[head.upper()], meta)
@@ -157,7 +177,8 @@ def synthetic_files(threads: int, head: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     base = synthetic_base(folder)
     suffix = head_suffix(head)
-    files = {name: synthetic_nq(base, folder / f"{name}{suffix}.gguf", bpw, head) for name, bpw in NQ_BPW.items()}
+    files = {name: synthetic_nq(base, folder / f"{name}{suffix}.gguf", v.bpw, head, v.shared_v)
+             for name, v in NQ_VARIANTS.items()}
     for t in LLAMA_TYPES:
         imatrix = make_imatrix(base, folder / "imatrix.gguf", 2, threads) if t.startswith("IQ") else None
         files[t] = quantize(base, folder / f"{t}{suffix}.gguf", t, imatrix, threads, head)

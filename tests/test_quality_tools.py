@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_model
+from conftest import REPO, make_tiny_model, run_tool
 from nanoquant.baselines import row_sign, write_sign_baseline
 from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
 from nanoquant.reference import nq_layers, open_gguf
@@ -70,16 +70,25 @@ def test_random_sign_files_give_each_layer_its_base_layers_output_size(tmp_path,
 
     f32 = tiny_f32_gguf(tmp_path, smol_tokenizer)
     base = {t.name[: -len(".weight")]: np.asarray(t.data, dtype=np.float64) for t in open_gguf(f32).tensors}
-    nq = decode.synthetic_nq(f32, tmp_path / "nq.gguf", 1.0, "q8_0")
-    layers = nq_layers(open_gguf(nq), nq)
-    assert len(layers) == 14
     rng = np.random.default_rng(0)
     rms = lambda a: np.sqrt(np.mean(np.square(a)))  # noqa: E731
-    for name, layer in layers.items():
-        x = rng.standard_normal((layer.v.shape[1], 64))
-        dense = base[name] @ x
-        low_rank = layer.s_post[:, None] * (layer.u @ (layer.v @ (layer.s_pre[:, None] * x)))
-        assert 0.8 < rms(low_rank) / rms(dense) < 1.25, name
+    for shared_v, n_layers in (("none", 14), ("qkv", 10)):
+        nq = decode.synthetic_nq(f32, tmp_path / f"nq-{shared_v}.gguf", 1.0, "q8_0", shared_v)
+        layers = nq_layers(open_gguf(nq), nq)
+        assert len(layers) == n_layers and ("blk.0.attn_qkv" in layers) == (shared_v == "qkv")
+        for name, layer in layers.items():
+            x = rng.standard_normal((layer.v.shape[1], 64))
+            members = [f"{name[:-3]}{m}" for m in "qkv"] if name.endswith("attn_qkv") else [name]
+            dense = np.concatenate([base[m] for m in members]) @ x
+            low_rank = layer.s_post[:, None] * (layer.u @ (layer.v @ (layer.s_pre[:, None] * x)))
+            for start, stop in _member_rows([base[m].shape[0] for m in members]):  # each member its base's size
+                assert 0.8 < rms(low_rank[start:stop]) / rms(dense[start:stop]) < 1.25, name
+        assert run_tool("llama-bench", "-m", nq, "-p", "8", "-n", "4", "-r", "1", "-t", "2").returncode == 0
+
+
+def _member_rows(rows: list[int]) -> list[tuple[int, int]]:
+    bounds = np.cumsum([0, *rows])
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def test_convert_seconds_come_from_the_converters_log(tmp_path):
