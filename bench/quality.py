@@ -43,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
+from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS  # noqa: E402
 from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe  # noqa: E402
 
 BIN = REPO / "build" / "bin"
@@ -56,7 +57,7 @@ REF_TOLERANCE = 0.01
 REF_PROTOCOL = "llama-tokenize ids, F32 KV cache"  # both sides score the same token ids with F32 keys and values
 REF_KV_F32 = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
 CHAT_INSTRUCTIONS = REPO / "data" / "chat" / "eval-instructions.txt"
-CHAT_CALIBRATION = REPO / "data" / "chat" / "calibration-instructions.txt"  # the converter's: never scored on
+CHAT_CALIBRATION = DEFAULT_CHAT_INSTRUCTIONS  # the converter's: never scored on
 CHAT_MAX_TOKENS = 128   # the teacher's answers, the text every file is scored on
 CHAT_OWN_TOKENS = 48    # each file's own greedy answers, only for the "does it talk" count and the samples
 CHAT_SAMPLES = 3        # own answers kept in the row, for the README
@@ -155,14 +156,14 @@ def converter_seconds(model: Path) -> float | None:
 def read_instructions(path: Path) -> list[str]:
     """One instruction a line (blank lines skipped). The converter's calibration list is refused, and so is an
     evaluation list sharing a line with it: a file tuned on an instruction would be scored on it."""
+    from nanoquant import calibration
+
     if path.resolve() == CHAT_CALIBRATION.resolve():
         raise ValueError(f"{path}: the calibration instructions are not an evaluation set")
-    instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not instructions:
-        raise ValueError(f"{path}: no instructions")
+    instructions = calibration.read_instructions(path)
     if CHAT_CALIBRATION.is_file():
-        calibration = {line.strip() for line in CHAT_CALIBRATION.read_text(encoding="utf-8").splitlines()}
-        shared = [i for i in instructions if i in calibration]
+        calibration_set = set(calibration.read_instructions(CHAT_CALIBRATION))
+        shared = [i for i in instructions if i in calibration_set]
         if shared:
             raise ValueError(f"{path}: {len(shared)} instruction(s) also in {CHAT_CALIBRATION.name}, "
                              f"e.g. {shared[0]!r}")
@@ -179,24 +180,8 @@ def chat_prompt_ids(model, instruction: str) -> list[int]:
 
 
 def greedy_ids(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """The greedy continuation as token ids, the end-of-generation token included when it comes. Model.generate
-    gives text only, and text tokenized back need not be the ids sampled, so this drives the engine's own calls
-    (prefill, a greedy sampler, step) as Model.stream does."""
-    from nanoquant import _core
-
-    engine = model._live()
-    settings = _core.SamplerSettings()
-    settings.temperature = 0.0
-    engine.prefill(list(prompt_ids))
-    engine.set_sampler(settings)
-    ids = []
-    for _ in range(max_tokens):
-        before = engine.n_cached
-        token = engine.step()
-        ids.append(int(token))
-        if engine.is_eog(token) or engine.n_cached == before:  # the end of the turn, or a full context
-            break
-    return ids
+    """The greedy continuation as token ids, the end-of-generation token included when it comes."""
+    return model.generate_ids(prompt_ids, max_tokens, temperature=0.0)
 
 
 def teacher_answers(teacher: Path, instructions: Path, out_dir: Path, max_tokens: int = CHAT_MAX_TOKENS,

@@ -81,6 +81,16 @@ def test_stream_yields_the_text_of_generate(tiny):
     assert tiny.generate(PROMPT, **{**settings, "seed": 99}) != "".join(pieces)  # the seed is used
 
 
+def test_generate_ids_are_the_ids_generate_writes(tiny):
+    settings = dict(max_tokens=40, temperature=0.9, top_k=50, seed=7)
+    ids = tiny.generate_ids(PROMPT, **settings)
+    assert 1 <= len(ids) <= 40 and all(isinstance(t, int) for t in ids)
+    assert tiny.detokenize(ids) == tiny.generate(PROMPT, **settings)  # an end-of-generation token detokenizes to ""
+    long = tiny.generate_ids(PROMPT, max_tokens=30, temperature=0, ignore_eos=True)
+    assert len(long) == 30 and tiny.detokenize(long) == tiny.generate(PROMPT, max_tokens=30, temperature=0,
+                                                                      ignore_eos=True)
+
+
 def test_stop_strings_end_generation(tiny):
     full = tiny.generate(PROMPT, max_tokens=40, temperature=0)
     stop = full[len(full) // 2: len(full) // 2 + 3]

@@ -120,6 +120,22 @@ class Model:
         temperature <= 0 is greedy decoding; ignore_eos never samples end-of-generation tokens (for benchmarks).
         `prompt` may be text or token ids."""
         engine = self._live()
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+        ids = self._ids(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, ignore_eos)
+        return _cut_at_stops(self._pieces(engine, ids), stops)
+
+    def generate_ids(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
+                     top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                     seed: int | None = None, ignore_eos: bool = False) -> list[int]:
+        """The continuation of `prompt` as token ids, the end-of-generation token included when one ends it (see
+        stream() for the settings). Text tokenized back need not give the ids that were sampled; these are they."""
+        return list(self._ids(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                              ignore_eos))
+
+    def _ids(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+             ignore_eos) -> Iterator[int]:
+        """Sampled ids: the end-of-generation token is the last when one comes; a full context ends them too."""
+        engine = self._live()
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self._check_fits(len(tokens), "the prompt")
         settings = _core().SamplerSettings()
@@ -127,9 +143,21 @@ class Model:
         settings.min_p, settings.repeat_penalty = float(min_p), float(repeat_penalty)
         settings.seed = self._seeds.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
         settings.ignore_eos = bool(ignore_eos)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         self._generation += 1
-        return _cut_at_stops(self._pieces(engine, tokens, settings, max_tokens, self._generation), stops)
+        return self._steps(engine, tokens, settings, max_tokens, self._generation)
+
+    def _steps(self, engine, tokens: list[int], settings, max_tokens: int, generation: int) -> Iterator[int]:
+        engine.prefill(tokens)
+        engine.set_sampler(settings)
+        for _ in range(max_tokens):
+            if generation != self._generation:  # both would decode into the one context
+                raise RuntimeError(f"{self.path}: another generation started on this model before this stream "
+                                   "ended; finish or close a stream before starting the next")
+            before = engine.n_cached
+            token = int(engine.step())
+            yield token
+            if engine.is_eog(token) or engine.n_cached == before:  # the context is full: it was not decoded
+                return
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -138,23 +166,15 @@ class Model:
         return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, stop, seed,
                                    ignore_eos))
 
-    def _pieces(self, engine, tokens: list[int], settings, max_tokens: int, generation: int) -> Iterator[str]:
-        engine.prefill(tokens)
-        engine.set_sampler(settings)
+    @staticmethod
+    def _pieces(engine, ids: Iterator[int]) -> Iterator[str]:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-        for _ in range(max_tokens):
-            if generation != self._generation:  # both would decode into the one context
-                raise RuntimeError(f"{self.path}: another generation started on this model before this stream "
-                                   "ended; finish or close a stream before starting the next")
-            before = engine.n_cached
-            token = engine.step()
+        for token in ids:
             if engine.is_eog(token):
                 break
             text = utf8.decode(engine.token_to_piece(token, False))
             if text:
                 yield text
-            if engine.n_cached == before:  # the context is full: the token could not be decoded
-                break
         tail = utf8.decode(b"", final=True)
         if tail:
             yield tail
