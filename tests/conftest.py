@@ -110,3 +110,50 @@ def smol_nq(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "realized bpw" in proc.stdout
     return out
+
+
+def rewrite_gguf(src: Path, dst: Path, edit) -> Path:
+    """dst: src's metadata and tensors after edit(list of [name, data, ggml type]) changed the list in place."""
+    import gguf
+    import numpy as np
+
+    from nanoquant.gguf_writer import copy_metadata
+
+    reader = gguf.GGUFReader(src)
+    tensors = [[t.name, np.array(t.data), t.tensor_type] for t in reader.tensors]
+    edit(tensors)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    copy_metadata(reader, writer)
+    for name, data, dtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+_LOAD_SCRIPT = """
+import json, sys
+from nanoquant import Model
+out = {}
+for name, path in json.loads(sys.argv[1]).items():
+    try:
+        Model(path, n_ctx=128).close()
+        out[name] = ["no exception", ""]
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+def load_in_child(paths: dict[str, Path]) -> dict[str, list[str]]:
+    """name -> [exception type, message] of nanoquant.Model loading each file, in a child interpreter: a crash fails
+    the calling test with its signal instead of ending the whole test run."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, json.dumps({k: str(v) for k, v in paths.items()})],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the interpreter ended with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+

@@ -4,9 +4,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model, run_converter, run_tool
+from conftest import load_in_child, make_tiny_model, rewrite_gguf, run_converter, run_tool
 from nanoquant import formats
-from nanoquant.gguf_writer import copy_metadata
 from nanoquant.reference import NQFormatError, load_reference_model
 
 TOOLS = ("llama-completion", "llama-perplexity")
@@ -40,23 +39,11 @@ def truncated(tiny_nq_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rank_mismatch(tiny_nq_models, tmp_path_factory):
     """blk.0.attn_q.nq_u one rank block wider than its nq_v."""
-    src = tiny_nq_models["llama"]
-    path = tmp_path_factory.mktemp("bad") / "rank-mismatch.gguf"
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    copy_metadata(reader, writer)
-    for t in reader.tensors:
-        if t.name == "blk.0.attn_q.nq_u":
-            d_out, rank = int(t.shape[1]), int(t.shape[0])
-            signs = np.ones((d_out, rank + 32), dtype=np.float32)
-            writer.add_tensor(t.name, formats.pack_signs(signs), raw_dtype=formats.NQ1)
-        else:
-            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    def widen(tensors):
+        t = next(t for t in tensors if t[0] == "blk.0.attn_q.nq_u")
+        d_out, rank = t[1].shape[0], t[1].shape[1] * 8
+        t[1] = formats.pack_signs(np.ones((d_out, rank + 32), dtype=np.float32))
+    return rewrite_gguf(tiny_nq_models["llama"], tmp_path_factory.mktemp("bad") / "rank-mismatch.gguf", widen)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -118,24 +105,86 @@ def test_python_api_refuses_bad_files_without_crashing(truncated, rank_mismatch,
     cases["header-only"][0].write_bytes(good[:24])
     rng = np.random.default_rng(0)
     cases["garbage-after-magic"][0].write_bytes(good[:8] + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    script = """
-import json, sys
-from nanoquant import Model
-out = {}
-for name, path in json.loads(sys.argv[1]).items():
-    try:
-        Model(path, n_ctx=128).close()
-        out[name] = ["no exception", ""]
-    except Exception as e:
-        out[name] = [type(e).__name__, str(e)]
-print(json.dumps(out))
-"""
-    paths = {name: str(path) for name, (path, _, _) in cases.items()}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(paths)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"the interpreter ended with {proc.returncode}:\n{proc.stderr[-3000:]}"
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = load_in_child({name: path for name, (path, _, _) in cases.items()})
     for name, (path, exception, needle) in cases.items():
         kind, message = got[name]
         assert kind == exception, (name, kind, message)
         assert needle in message and str(path) in message, (name, message)
+
+
+def _tiny_llama_folder(tmp_path, smol_tokenizer):
+    return make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)
+
+
+@pytest.mark.parametrize("case", ["bpw-zero", "bpw-high", "windows", "window-tokens", "chat-share", "steps", "lr",
+                                  "outfile-folder", "no-tokenizer", "missing-shard", "bad-config"])
+def test_converter_refuses_bad_input_before_any_work(case, tmp_path, smol_tokenizer):
+    """Each bad input: exit 2 in seconds, one line naming the argument or file, no output, no work folder."""
+    import json
+    import time
+
+    hf = _tiny_llama_folder(tmp_path, smol_tokenizer)
+    out = tmp_path / "out" / "model.gguf"
+    args, needle = {
+        "bpw-zero": (["--bpw", "0"], "--bpw"),
+        "bpw-high": (["--bpw", "40"], "--bpw"),
+        "windows": (["--calib-windows", "0"], "--calib-windows"),
+        "window-tokens": (["--calib-window-tokens", "4"], "--calib-window-tokens"),
+        "chat-share": (["--chat-share", "1.5"], "--chat-share"),
+        "steps": (["--factor-steps", "-1"], "--factor-steps"),
+        "lr": (["--distill-lr", "nan"], "--distill-lr"),
+        "outfile-folder": ([], "is a folder"),
+        "no-tokenizer": ([], "no tokenizer"),
+        "missing-shard": ([], "safetensors shards"),
+        "bad-config": ([], "config.json"),
+    }[case]
+    if case == "outfile-folder":
+        out.mkdir(parents=True)
+    if case == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer.model"):
+            (hf / name).unlink(missing_ok=True)
+    if case == "missing-shard":
+        index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors",
+                                                "lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    if case == "bad-config":
+        (hf / "config.json").write_text("{not json")
+    start = time.time()
+    proc = run_converter(hf, "--outfile", out, *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.time() - start < 30  # in seconds, not after calibration (< 5 s measured; imports dominate)
+    assert not out.is_file() and not list(tmp_path.rglob("*.work")) and not list(tmp_path.rglob("*.partial"))
+
+
+def test_converter_failure_before_progress_leaves_no_work_folder(tmp_path, smol_tokenizer):
+    """A run that fails in calibration (here: a calibration text shorter than one window) removes its work folder."""
+    hf = _tiny_llama_folder(tmp_path, smol_tokenizer)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words\n")
+    out = tmp_path / "model.gguf"
+    proc = run_converter(hf, "--outfile", out, "--calib", short, "--calib-chat", "none", "--calib-windows", "2",
+                         "--calib-window-tokens", "64", timeout=600)
+    assert proc.returncode == 2 and "short.txt" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "short.txt"]
+
+
+def test_writer_refuses_a_non_finite_scale(tiny_nq_models, tmp_path):
+    """The converter's last step: a diverged scale stops the write, and nothing lands under the output's name."""
+    from nanoquant.gguf_writer import NQLayerTensors, write_nq_gguf
+
+    reader = gguf.GGUFReader(tiny_nq_models["llama"])
+    tensors = {t.name: t for t in reader.tensors}
+    d_in = int(tensors["blk.0.attn_q.nq_v"].shape[0])
+    d_out = int(tensors["blk.0.attn_q.nq_u"].shape[1])
+    rank = 32
+    s_post = np.ones(d_out, dtype=np.float32)
+    s_post[0] = np.inf
+    layer = NQLayerTensors(base="blk.0.attn_q", u=np.ones((d_out, rank), np.float32),
+                           v=np.ones((rank, d_in), np.float32), s_pre=np.ones(d_in, np.float32), s_post=s_post,
+                           replaces=("blk.0.attn_q",))
+    out = tmp_path / "diverged.gguf"
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.nq_s_post has 1 non-finite"):
+        write_nq_gguf(tiny_nq_models["llama"], out, [layer], gguf.GGMLQuantizationType.F32, {})
+    assert not out.exists() and not (tmp_path / "diverged.gguf.partial").exists()

@@ -4,11 +4,14 @@ from nanoquant.fileinfo import describe
 
 
 def test_realized_bpw_of_quantized_layers(smol_nq):
+    """The default (sensitivity) allocation spends the target's bits within 0.5%, in multiples of 32 ranks, and
+    moves them between layers: the ranks are not the method's per-shape rule."""
     info = describe(smol_nq)
     assert len(info.layers) == 30 * 7
-    assert 0.995 <= info.bpw_linear <= 1.0, info.bpw_linear  # the uniform allocation spends the rounding's bits too
+    assert 0.995 <= info.bpw_linear <= 1.0, info.bpw_linear
+    assert all(l.rank >= 32 and l.rank % 32 == 0 for l in info.layers)
     rule = {(576, 576): 256, (192, 576): 96, (1536, 576): 384, (576, 1536): 384}  # the method's rank rule
-    assert all(rule[l.d_out, l.d_in] <= l.rank <= rule[l.d_out, l.d_in] + 64 for l in info.layers)
+    assert sum(l.rank != rule[l.d_out, l.d_in] for l in info.layers) > len(info.layers) // 2
 
 
 def test_llama_cli_answers_a_chat_prompt(smol_nq):

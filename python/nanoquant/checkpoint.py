@@ -79,6 +79,10 @@ class WorkFolder:
         tmp.write_text(json.dumps(ranks, indent=0))
         os.replace(tmp, path)
 
+    def holds_progress(self) -> bool:
+        """Whether --resume would save work here: the statistics or a finished block are checkpointed."""
+        return (self.path / "stats.pt").is_file() or self._block_path(0).is_file()
+
     def load_stats(self):
         path = self.path / "stats.pt"
         return torch.load(path, weights_only=False) if path.is_file() else None

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import formats
+from . import formats, preflight
 from . import ranks as ranks_module
 from .admm import LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
@@ -475,17 +476,23 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     arch = architecture_for(_model_type(model_path))  # an unsupported model fails before a work folder appears
     work_path = work_dir or out_path.with_name(out_path.name + ".work")
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
-    with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
-        source = load_source(model_path, Path(tmp), arch)
-        print(f"loading: {peaks.end_stage()}")
-        tensors, reports, as_run = quantize_model(source, settings, work, peaks)
-        metadata = {
-            formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
-            formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
-            formats.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
-        }
-        write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
-        print(f"writing: {peaks.end_stage()}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
+            source = load_source(model_path, Path(tmp), arch)
+            print(f"loading: {peaks.end_stage()}")
+            tensors, reports, as_run = quantize_model(source, settings, work, peaks)
+            metadata = {
+                formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
+                formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
+                formats.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
+            }
+            write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
+            print(f"writing: {peaks.end_stage()}")
+    except BaseException:
+        # a folder that holds nothing --resume could use (no statistics, no block) is this run's litter
+        if not resume and not work.holds_progress():
+            shutil.rmtree(work_path, ignore_errors=True)
+        raise
     if not keep_work:
         shutil.rmtree(work_path)
     print_summary(reports, out_path, time.time() - start, peaks.overall_mib)
@@ -508,20 +515,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # a log redirected to a file shows each stage as it ends
     args = build_parser().parse_args(argv)
+    # a kill (SIGTERM) unwinds like an error, so convert() removes a work folder that holds no progress
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         settings = settings_from_args(args)
+        preflight.check_settings(settings)
+        preflight.check_output(args.outfile)
+        if args.model.is_dir():
+            preflight.check_model_folder(args.model)
         if not settings.calib_text.is_file():
             raise ConversionError(f"--calib: {settings.calib_text} not found")
         if settings.calib_chat not in (CHAT_AUTO, CHAT_NONE) and not Path(settings.calib_chat).is_file():
             raise ConversionError(f"--calib-chat: {settings.calib_chat} not found (expected 'auto', 'none' or a "
                                   "JSONL file)")
-        if not 0.0 <= settings.chat_share <= 1.0:
-            raise ConversionError(f"--chat-share: expected a share between 0 and 1, got {settings.chat_share}")
         if args.outfile.parent and not args.outfile.parent.exists():
             args.outfile.parent.mkdir(parents=True)
         convert(args.model, args.outfile, settings, args.work_dir, args.resume, args.keep_work)
     except (ConversionError, CheckpointError, CalibrationError, UnsupportedArchitecture, FileNotFoundError,
-            ValueError) as e:
+            ValueError) as e:  # preflight.InputError is a ValueError
         print(f"convert-hf-to-nq-gguf: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGUFReader
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
 
 from . import formats
 
@@ -70,6 +71,7 @@ def describe(path: Path) -> FileInfo:
                 raise NQFormatError(f"{path}: {t.name} has no matching {base}.{formats.SUFFIX_U}")
             d_in, rank = int(t.shape[0]), int(t.shape[1])
             d_out = int(u.shape[1])
+            _check_scales(path, base, by_name)
             bits = sum(8 * int(by_name[f"{base}.{s}"].n_bytes) for s in formats.SUFFIXES if f"{base}.{s}" in by_name)
             layers.append(NQLayerInfo(base, d_out, d_in, rank, bits))
             dense += d_out * d_in
@@ -79,6 +81,22 @@ def describe(path: Path) -> FileInfo:
     settings = reader.fields.get(formats.KEY_SETTINGS)
     return FileInfo(path, arch, path.stat().st_size, layers, dense,
                     json.loads(settings.contents()) if settings is not None else None)
+
+
+SCALE_SUFFIXES = (formats.SUFFIX_S_PRE, formats.SUFFIX_S_MID, formats.SUFFIX_S_POST)
+
+
+def _check_scales(path: Path, base: str, by_name: dict) -> None:
+    """A layer's scales are F32 and finite: one NaN or Inf in a scale makes every logit NaN."""
+    for suffix in SCALE_SUFFIXES:
+        t = by_name.get(f"{base}.{suffix}")
+        if t is None:
+            continue
+        if t.tensor_type != GGMLQuantizationType.F32:
+            raise NQFormatError(f"{path}: {t.name} is {t.tensor_type.name}, expected F32")
+        bad = int((~np.isfinite(np.asarray(t.data))).sum())
+        if bad:
+            raise NQFormatError(f"{path}: {t.name} has {bad} non-finite values (NaN or Inf), expected finite scales")
 
 
 # llama.cpp's names of the decoder linear layers, the ones NanoQuant replaces and bpw_linear counts

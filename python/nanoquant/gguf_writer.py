@@ -78,6 +78,13 @@ def finish_gguf(writer: GGUFWriter, tmp_path: Path, out_path: Path, progress: bo
 def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], other_type: GGMLQuantizationType,
                   extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
     base_path, out_path = Path(base_path), Path(out_path)
+    for layer in layers:  # a NaN or Inf scale makes every logit NaN: refuse it here, not at the user's prompt
+        for suffix, scale in ((formats.SUFFIX_S_PRE, layer.s_pre), (formats.SUFFIX_S_MID, layer.s_mid),
+                              (formats.SUFFIX_S_POST, layer.s_post)):
+            if scale is not None and not np.isfinite(scale).all():
+                raise ValueError(f"{out_path}: {layer.base}.{suffix} has {int((~np.isfinite(scale)).sum())} non-finite "
+                                 "values (NaN or Inf); the conversion diverged, nothing was written")
+
     reader = GGUFReader(base_path)
     arch = reader.fields["general.architecture"].contents()
     replaced = {name for layer in layers for name in layer.replaced_weights}

@@ -16,7 +16,7 @@ import gguf
 from .admm import AdmmSettings
 from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
 from .calibration import DEFAULT_CALIBRATION_TEXT
-from .ranks import ALLOCATIONS, UNIFORM
+from .ranks import ALLOCATIONS, SENSITIVITY
 from .reconstruct import RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
 
 CHAT_AUTO, CHAT_NONE = "auto", "none"
@@ -37,7 +37,9 @@ class ConvertSettings:
     admm: AdmmSettings = AdmmSettings()
     tune: TuneSettings = TuneSettings()
     distill: DistillSettings = DistillSettings()
-    rank_allocation: str = UNIFORM  # how the bits are shared among the layers (ranks.py)
+    # how the bits are shared among the layers (ranks.py). sensitivity won on SmolLM2 at 1.0 bpw, fast preset with
+    # ADMM 40 / distill 40: 40-chunk PPL 179.7 against uniform's 210.5 at the same 0.9999 bpw
+    rank_allocation: str = SENSITIVITY
     mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
     shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
     other_type: str = "Q8_0"
@@ -62,14 +64,14 @@ def value_at(settings, path: str):
 # effort_bpw: the step counts are sized for this bpw; above it the rank-bound stages get proportionally fewer steps
 # (see convert.rank_scaled_settings), so a higher bpw costs about the same time.
 PRESETS: dict[str, ConvertSettings] = {
-    # fast: a short model reconstruction pays most (SmolLM2, same blocks: 20 distillation steps took 20-chunk PPL
-    # 1208 -> 532 and 5 -> 14 of 16 held-out questions answered in words); ADMM 16 and STE 32 to pay for them gave
-    # 778 in the same protocol (with sampled instead of greedy calibration answers too: the two are not separated),
-    # so ADMM and STE keep their counts
+    # fast: ADMM iterations and distillation steps pay most. SmolLM2 at 1.0 bpw, 40-chunk PPL (F32 22.50), Zen 5,
+    # 2 cores: ADMM 20 / distill 20: 343 in 399 s; ADMM 20 / distill 40: 306; ADMM 40 / distill 40: 210.5 in 494 s;
+    # ADMM 60 / distill 40: 198.3 in 562 s (too close to the 10 minutes). Latent learning rates 0.01 and 0.1 both
+    # tuned a block worse than 0.03, and distillation at 5e-3 or 2e-2 did worse than 1e-2
     "fast": ConvertSettings(
-        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=20),
+        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=40),
         tune=TuneSettings(dense_steps=0, factor_steps=40, batch_windows=1, scope="block"),
-        distill=DistillSettings(steps=20, lr=1e-2), effort_bpw=1.0),
+        distill=DistillSettings(steps=40, lr=1e-2), effort_bpw=1.0),
     "standard": ConvertSettings(
         calib_windows=32, calib_window_tokens=512, admm=AdmmSettings(iterations=60),
         tune=TuneSettings(dense_steps=20, factor_steps=100, batch_windows=1, scope="block"),
