@@ -83,12 +83,9 @@ def describe(path: Path) -> FileInfo:
                     json.loads(settings.contents()) if settings is not None else None)
 
 
-SCALE_SUFFIXES = (formats.SUFFIX_S_PRE, formats.SUFFIX_S_MID, formats.SUFFIX_S_POST)
-
-
 def _check_scales(path: Path, base: str, by_name: dict) -> None:
     """A layer's scales are F32 and finite: one NaN or Inf in a scale makes every logit NaN."""
-    for suffix in SCALE_SUFFIXES:
+    for suffix in formats.SCALE_SUFFIXES:
         t = by_name.get(f"{base}.{suffix}")
         if t is None:
             continue

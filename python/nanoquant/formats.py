@@ -31,6 +31,7 @@ SCALE_BITS = 32  # CPU ggml_mul cannot take F16 scales against F32 activations, 
 SUFFIX_V, SUFFIX_U = "nq_v", "nq_u"
 SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST = "nq_s_pre", "nq_s_mid", "nq_s_post"
 SUFFIXES = (SUFFIX_V, SUFFIX_U, SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
+SCALE_SUFFIXES = (SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
 
 KEY_VERSION = "nanoquant.version"
 KEY_TARGET_BPW = "nanoquant.target_bpw"

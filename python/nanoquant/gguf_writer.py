@@ -28,6 +28,11 @@ class NQLayerTensors:
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # tuned biases, replacing the base file's by name
     replaces: tuple[str, ...] = ()  # the dense layers whose <name>.weight it takes the place of (default: base)
 
+    def scales(self) -> list[tuple[str, np.ndarray]]:
+        """(suffix, values) of the scales the layer has, in formats.SCALE_SUFFIXES order."""
+        values = (self.s_pre, self.s_mid, self.s_post)
+        return [(suffix, s) for suffix, s in zip(formats.SCALE_SUFFIXES, values) if s is not None]
+
     @property
     def replaced_weights(self) -> list[str]:
         return [f"{name}.weight" for name in (self.replaces or (self.base,))]
@@ -79,9 +84,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
                   extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
     base_path, out_path = Path(base_path), Path(out_path)
     for layer in layers:  # a NaN or Inf scale makes every logit NaN: refuse it here, not at the user's prompt
-        for suffix, scale in ((formats.SUFFIX_S_PRE, layer.s_pre), (formats.SUFFIX_S_MID, layer.s_mid),
-                              (formats.SUFFIX_S_POST, layer.s_post)):
-            if scale is not None and not np.isfinite(scale).all():
+        for suffix, scale in layer.scales():
+            if not np.isfinite(scale).all():
                 raise ValueError(f"{out_path}: {layer.base}.{suffix} has {int((~np.isfinite(scale)).sum())} non-finite "
                                  "values (NaN or Inf); the conversion diverged, nothing was written")
 
@@ -112,10 +116,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
         for layer in layers:
             writer.add_tensor(f"{layer.base}.{formats.SUFFIX_V}", formats.pack_signs(layer.v), raw_dtype=formats.NQ1)
             writer.add_tensor(f"{layer.base}.{formats.SUFFIX_U}", formats.pack_signs(layer.u), raw_dtype=formats.NQ1)
-            for suffix, s in ((formats.SUFFIX_S_PRE, layer.s_pre), (formats.SUFFIX_S_MID, layer.s_mid),
-                              (formats.SUFFIX_S_POST, layer.s_post)):
-                if s is not None:
-                    writer.add_tensor(f"{layer.base}.{suffix}", np.ascontiguousarray(s, dtype=np.float32))
+            for suffix, s in layer.scales():
+                writer.add_tensor(f"{layer.base}.{suffix}", np.ascontiguousarray(s, dtype=np.float32))
     except BaseException:
         writer.close()
         tmp_path.unlink(missing_ok=True)
