@@ -1,11 +1,12 @@
 // ggml-cpu glue of the NQ1 table-lookup kernels (cpp/nq1-lut.c): NQ1 weights placed in the CPU_REPACK buffer are
 // tiled at load time, and their mul_mat builds activation tables in the work buffer, then runs the selected GEMV.
-// Decode-sized NanoQuant layers (s_pre, V, [s_mid], U, s_post: the chain of ggml_patches/0002) also run fused: one
+// Decode-sized NanoQuant layers ([s_pre,] V, [s_mid,] U, [s_post]: the chain of nq1-lowrank.h) also run fused: one
 // step with at most one barrier inside, where the four or five ops end in a barrier each and each product has one
 // more; the scale vectors ride along in the table builds and the GEMV's stores. Compiled into ggml-cpu by the
 // project's CMakeLists.txt; ggml_patches/0004 hooks the traits into repack.cpp, ggml_patches/0005 the fusion into
 // ggml-cpu.c.
 #include "nq1-lut-ggml.h"
+#include "nq1-lowrank.h"
 #include "nq1-lut.h"
 
 #include "ggml-cpu-impl.h"
@@ -127,37 +128,26 @@ bool is_f32_columns(const ggml_tensor * t) {  // columns of F32 values, 2D
     return t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float) && t->ne[2] == 1 && t->ne[3] == 1;
 }
 
-// the nodes of one NanoQuant layer, in graph order
-struct lowrank_chain {
-    const ggml_tensor * pre;    // MUL(x, s_pre)
-    const ggml_tensor * v_mm;   // MUL_MAT(V, pre)
-    const ggml_tensor * mid;    // MUL(v_mm, s_mid), or nullptr
-    const ggml_tensor * u_mm;   // MUL_MAT(U, mid or v_mm)
-    ggml_tensor * post;         // MUL(u_mm, s_post): the layer's output
-
-    bool fits() const {
-        const ggml_tensor * x = pre->src[0];
-        const ggml_tensor * v = v_mm->src[0];
-        const ggml_tensor * u = u_mm->src[0];
-        const ggml_tensor * u_in = mid ? mid : v_mm;
-        return is_f32_columns(x) && is_row_scale(pre->src[1], x) && pre->type == GGML_TYPE_F32 &&
-               is_tiled_nq1(v) && v_mm->src[1] == pre && v->ne[0] == x->ne[0] && x->ne[1] <= FUSE_MAX_COLS &&
-               (!mid || (mid->src[0] == v_mm && is_row_scale(mid->src[1], v_mm))) &&
-               is_tiled_nq1(u) && u_mm->src[1] == u_in && u->ne[0] == v->ne[1] &&
-               post->src[0] == u_mm && is_row_scale(post->src[1], u_mm) && post->type == GGML_TYPE_F32 &&
-               ggml_is_contiguous(post);
-    }
-};
+// a NanoQuant layer (nq1-lowrank.h) that the fused kernels can run: F32 columns in and out, table-lookup weights
+bool fits_fused(const nq1_lowrank_chain & c) {
+    const nq1_lowrank_layer & l = c.layer;
+    const auto scale_fits = [](const ggml_tensor * s, const ggml_tensor * of) { return !s || is_row_scale(s, of); };
+    return is_f32_columns(l.x) && l.x->ne[1] <= FUSE_MAX_COLS && scale_fits(l.s_pre, l.x) &&
+           is_tiled_nq1(l.v) && l.v->ne[0] == l.x->ne[0] && scale_fits(l.s_mid, c.v_product) &&
+           is_tiled_nq1(l.u) && l.u->ne[0] == l.v->ne[1] && scale_fits(l.s_post, c.out) &&
+           c.out->type == GGML_TYPE_F32 && ggml_is_contiguous(c.out);
+}
 
 // Same arithmetic as the unfused ops (the scale products are single roundings either way), so the fused layer is
 // bit-identical to the five ops.
-void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) {
-    const ggml_tensor * x = c.pre->src[0];
-    const ggml_tensor * v = c.v_mm->src[0];
-    const ggml_tensor * u = c.u_mm->src[0];
-    const float * s_pre = (const float *) c.pre->src[1]->data;
-    const float * s_mid = c.mid ? (const float *) c.mid->src[1]->data : nullptr;
-    const float * s_post = (const float *) c.post->src[1]->data;
+void compute_fused(const ggml_compute_params * params, const nq1_lowrank_chain & c) {
+    const ggml_tensor * x = c.layer.x;
+    const ggml_tensor * v = c.layer.v;
+    const ggml_tensor * u = c.layer.u;
+    const auto data_of = [](const ggml_tensor * s) { return s ? (const float *) s->data : nullptr; };
+    const float * s_pre = data_of(c.layer.s_pre);
+    const float * s_mid = data_of(c.layer.s_mid);
+    const float * s_post = data_of(c.layer.s_post);
     const int64_t d_in = v->ne[0], rank = v->ne[1], d_out = u->ne[1], n_cols = x->ne[1];
     // a layer this small costs less on one thread than the barrier that splitting it needs
     const bool solo = (size_t) n_cols * (ggml_nbytes(v) + ggml_nbytes(u)) <= SOLO_MAX_BYTES;
@@ -201,7 +191,7 @@ void compute_fused(const ggml_compute_params * params, const lowrank_chain & c) 
     if (!solo) {
         ggml_barrier(params->threadpool);  // U's tables read every row of t
     }
-    products(u, build_tables((const char *) t, rank * sizeof(float), nullptr, rank), (float *) c.post->data, d_out,
+    products(u, build_tables((const char *) t, rank * sizeof(float), nullptr, rank), (float *) c.out->data, d_out,
              s_post);
     if (ith == 0) {
         fused_layer_count.fetch_add(1, std::memory_order_relaxed);
@@ -217,24 +207,12 @@ const ggml::cpu::tensor_traits * ggml_nq1_lut_tensor_traits(const ggml_tensor * 
 }
 
 extern "C" int ggml_nq1_lut_fuse_lowrank(const ggml_compute_params * params, const ggml_cgraph * cgraph, int node_n) {
-    static const ggml_op with_mid[] = { GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL };
-    static const ggml_op without_mid[] = { GGML_OP_MUL, GGML_OP_MUL_MAT, GGML_OP_MUL_MAT, GGML_OP_MUL };
-    for (const bool has_mid : { false, true }) {
-        const int n_nodes = has_mid ? 5 : 4;
-        const int output = node_n + n_nodes - 1;
-        if (!ggml_can_fuse_subgraph(cgraph, node_n, n_nodes, has_mid ? with_mid : without_mid, &output, 1)) {
-            continue;
-        }
-        ggml_tensor * const * nodes = cgraph->nodes + node_n;
-        const lowrank_chain chain = { nodes[0], nodes[1], has_mid ? nodes[2] : nullptr, nodes[n_nodes - 2],
-                                      nodes[n_nodes - 1] };
-        if (!chain.fits()) {
-            return 0;
-        }
-        compute_fused(params, chain);
-        return n_nodes - 1;
+    nq1_lowrank_chain chain;
+    if (!nq1_lowrank_match(cgraph, node_n, &chain) || !fits_fused(chain)) {
+        return 0;
     }
-    return 0;
+    compute_fused(params, chain);
+    return chain.n_nodes - 1;
 }
 
 extern "C" uint64_t ggml_nq1_lut_fused_layers(void) {

@@ -73,10 +73,11 @@ def test_table_lookup_path_matches_the_vec_dot_path(d_out, d_in, rank, batch, th
     np.testing.assert_array_equal(lut.run(x), y_lut)  # deterministic across runs and thread interleavings
 
 
-FUSION_CASES = [  # d_out, d_in, rank, batch, threads, with s_mid
-    (576, 576, 288, 1, 1, False), (576, 576, 32, 1, 2, True), (192, 576, 96, 3, 2, False),
-    (1536, 576, 416, 8, 2, True), (576, 1536, 416, 2, 3, False), (64, 96, 32, 5, 2, True),
-    (192, 576, 96, 9, 2, False),  # above the decode batches (cpp/nq1-lut-ggml.cpp FUSE_MAX_COLS): not fused
+FUSION_CASES = [  # d_out, d_in, rank, batch, threads, scales present (cpp/nq1-lowrank.h: s_pre, s_mid, s_post)
+    (576, 576, 288, 1, 1, "pre,post"), (576, 576, 32, 1, 2, "pre,mid,post"), (192, 576, 96, 3, 2, "pre,post"),
+    (1536, 576, 416, 8, 2, "pre,mid,post"), (576, 1536, 416, 2, 3, "pre,post"), (64, 96, 32, 5, 2, "pre,mid,post"),
+    (192, 576, 96, 1, 2, ""), (192, 576, 64, 2, 1, "mid"), (576, 192, 64, 1, 2, "post"), (96, 64, 32, 3, 2, "pre"),
+    (192, 576, 96, 9, 2, "pre,post"),  # above the decode batches (cpp/nq1-lut-ggml.cpp FUSE_MAX_COLS): not fused
 ]
 FUSED_MAX_BATCH = 8
 FUSION_COPIES = 3
@@ -85,18 +86,20 @@ FUSION_COPIES = 3
 def fusion_case_outputs() -> list[np.ndarray]:
     """Each case's layer output from one graph of FUSION_COPIES NanoQuant layers (the chain llama.cpp builds)."""
     outputs = []
-    for d_out, d_in, rank, batch, threads, mid in FUSION_CASES:
+    for d_out, d_in, rank, batch, threads, scales in FUSION_CASES:
         x = np.random.default_rng(batch + d_out).standard_normal((batch, d_in)).astype(np.float32)
         x[:, 7] *= 40.0
         bench = _core.MulMatBench(_core.NQ1_TYPE_ID, d_out, d_in, batch, threads, True, rank, seed=11,
-                                  copies=FUSION_COPIES, mid=mid)
+                                  copies=FUSION_COPIES, mid="mid" in scales, pre="pre" in scales,
+                                  post="post" in scales)
         outputs.append(bench.run(x))
     return outputs
 
 
 def test_fused_lowrank_layer_equals_the_unfused_ops(tmp_path):
-    """ggml-cpu runs a decode-sized NanoQuant layer (MUL, MUL_MAT, [MUL,] MUL_MAT, MUL) as one fused step
-    (ggml_patches/0005): bit-identical to the five ops that GGML_CPU_DISABLE_FUSION=1 runs one by one."""
+    """ggml-cpu runs a decode-sized NanoQuant layer ([MUL,] MUL_MAT, [MUL,] MUL_MAT, [MUL]: any of the scales may be
+    missing) as one fused step (ggml_patches/0005): bit-identical to the ops that GGML_CPU_DISABLE_FUSION=1 runs one
+    by one."""
     child = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
              "from test_kernels import fusion_case_outputs; from nanoquant import _core; "
              f"np.savez({str(tmp_path / 'unfused.npz')!r}, *fusion_case_outputs()); print(_core.nq1_fused_layers())")
@@ -136,6 +139,8 @@ def test_mul_mat_bench_refuses_bad_shapes():
         _core.MulMatBench(_core.NQ1_TYPE_ID, 576, 100, 1, 1, True, 32)
     with pytest.raises(ValueError, match="rank is given only for NQ1"):
         _core.MulMatBench(_core.Q8_0_TYPE_ID, 576, 576, 1, 1, True, 32)
+    with pytest.raises(ValueError, match="scales are chosen only for NQ1"):
+        _core.MulMatBench(_core.Q8_0_TYPE_ID, 576, 576, 1, 1, True, 0, pre=False)
 
 
 @pytest.mark.parametrize("op,pattern", [("MUL_MAT", "type_a=nq1"), ("GET_ROWS", "type=nq1")])

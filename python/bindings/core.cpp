@@ -1,5 +1,6 @@
 // nanoquant._core: NQ1 packing and the NanoQuant low-rank product, run by the patched ggml itself.
 #include "nq1.h"
+#include "nq1-lowrank.h"
 #include "nq1-lut-ggml.h"
 
 #include "ggml.h"
@@ -134,13 +135,11 @@ static f32_array lowrank_binary_matmul(const f32_array & x, const u8_array & v_s
         ggml_tensor * tx = new_tensor_from(c, GGML_TYPE_F32, d_in, tokens, x.data());
         ggml_tensor * tv = new_tensor_from(c, GGML_TYPE_NQ1, d_in, rank, v_signs.data());
         ggml_tensor * tu = new_tensor_from(c, GGML_TYPE_NQ1, rank, d_out, u_signs.data());
-        ggml_tensor * t = ggml_mul(c, tx, new_tensor_from(c, GGML_TYPE_F32, d_in, 0, s_pre.data()));
-        t = ggml_mul_mat(c, tv, t);
-        if (s_mid) {
-            t = ggml_mul(c, t, new_tensor_from(c, GGML_TYPE_F32, rank, 0, s_mid->data()));
-        }
-        t = ggml_mul_mat(c, tu, t);
-        t = ggml_mul(c, t, new_tensor_from(c, GGML_TYPE_F32, d_out, 0, s_post.data()));
+        const nq1_lowrank_layer layer = {
+            tx, tv, tu, new_tensor_from(c, GGML_TYPE_F32, d_in, 0, s_pre.data()),
+            s_mid ? new_tensor_from(c, GGML_TYPE_F32, rank, 0, s_mid->data()) : nullptr,
+            new_tensor_from(c, GGML_TYPE_F32, d_out, 0, s_post.data()) };
+        ggml_tensor * t = nq1_lowrank_build(c, &layer);
         ggml_cgraph * graph = ggml_new_graph(c);
         ggml_build_forward_expand(graph, t);
         if (ggml_graph_compute_with_ctx(c, graph, n_threads) != GGML_STATUS_SUCCESS) {

@@ -1,10 +1,13 @@
 // nanoquant._core.MulMatBench: matrix products on ggml's CPU backend, set up once and timed on demand, for
 // bench/kernels.py. A dense layer is mul_mat(W, x) with W of any ggml type; a NanoQuant layer is the graph llama.cpp
-// builds for it (s_pre, V, U, s_post: the converter's default; s_mid when asked). With repack on, weights go to the
-// CPU_REPACK buffer when ggml has a repacked kernel for them (Q4_0 x8, NQ1 tables), as llama.cpp places them.
+// builds for it (cpp/nq1-lowrank.h; s_pre, V, U, s_post: the converter's default; s_mid when asked; s_pre and
+// s_post may be left out). With repack on, weights go to the CPU_REPACK buffer when ggml has a repacked kernel for
+// them (Q4_0 x8, NQ1 tables), as llama.cpp places them.
 // One graph holds `copies` such layers, each with its own weights, all reading the same input (as q, k and v do):
 // inside llama.cpp a product is one of hundreds in a token's graph, so the cost of starting a graph (waking the
 // threads) is not the product's; copies > 1 spreads it as a model does.
+#include "nq1-lowrank.h"
+
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -18,6 +21,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace py = pybind11;
@@ -27,7 +31,7 @@ namespace {
 class MulMatBench {
   public:
     MulMatBench(int type_id, int64_t d_out, int64_t d_in, int64_t batch, int n_threads, bool repack, int64_t rank,
-                uint64_t seed, int copies, bool mid)
+                uint64_t seed, int copies, bool mid, bool pre, bool post)
         : d_out_(d_out), d_in_(d_in), batch_(batch), copies_(copies) {
         if (copies < 1) {
             throw std::invalid_argument("copies must be at least 1, got " + std::to_string(copies));
@@ -40,8 +44,8 @@ class MulMatBench {
         if (lowrank && type != GGML_TYPE_NQ1) {
             throw std::invalid_argument("a rank is given only for NQ1 layers");
         }
-        if (mid && !lowrank) {
-            throw std::invalid_argument("s_mid needs a rank");
+        if ((mid || !pre || !post) && !lowrank) {
+            throw std::invalid_argument("scales are chosen only for NQ1 layers (with a rank)");
         }
         for (int64_t width : lowrank ? std::vector<int64_t>{d_in, rank} : std::vector<int64_t>{d_in}) {
             if (width % ggml_blck_size(type) != 0) {
@@ -65,13 +69,13 @@ class MulMatBench {
                 l.v = ggml_new_tensor_2d(ctx_w_, type, d_in, rank);
                 l.u = ggml_new_tensor_2d(ctx_w_, type, rank, d_out);
                 // scales in a plain buffer of their own: the repack buffer takes only matrices it has a kernel for
-                l.s_pre = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_in);
-                l.s_post = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, d_out);
                 matrices.insert(matrices.end(), { l.v, l.u });
-                vectors.insert(vectors.end(), { l.s_pre, l.s_post });
-                if (mid) {
-                    l.s_mid = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, rank);
-                    vectors.push_back(l.s_mid);
+                for (auto [wanted, scale, width] : { std::tuple(pre, &l.s_pre, d_in), std::tuple(mid, &l.s_mid, rank),
+                                                     std::tuple(post, &l.s_post, d_out) }) {
+                    if (wanted) {
+                        *scale = ggml_new_tensor_1d(ctx_s_, GGML_TYPE_F32, width);
+                        vectors.push_back(*scale);
+                    }
                 }
             } else {
                 l.w = ggml_new_tensor_2d(ctx_w_, type, d_in, d_out);
@@ -138,11 +142,8 @@ class MulMatBench {
         graph_ = ggml_new_graph(ctx_g_);
         for (Layer & l : layers_) {
             if (lowrank) {
-                ggml_tensor * t = ggml_mul_mat(ctx_g_, l.v, ggml_mul(ctx_g_, x_, l.s_pre));
-                if (l.s_mid) {
-                    t = ggml_mul(ctx_g_, t, l.s_mid);
-                }
-                l.y = ggml_mul(ctx_g_, ggml_mul_mat(ctx_g_, l.u, t), l.s_post);
+                const nq1_lowrank_layer layer = { x_, l.v, l.u, l.s_pre, l.s_mid, l.s_post };
+                l.y = nq1_lowrank_build(ctx_g_, &layer);
             } else {
                 l.y = ggml_mul_mat(ctx_g_, l.w, x_);
             }
@@ -245,10 +246,11 @@ void register_mul_mat_bench(py::module_ & m) {
     py::class_<MulMatBench>(m, "MulMatBench",
                             "[batch, d_in] -> [batch, d_out] products (`copies` layers in one graph) on ggml's CPU "
                             "backend, for timing")
-        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t, int, bool>(), py::arg("type_id"),
+        .def(py::init<int, int64_t, int64_t, int64_t, int, bool, int64_t, uint64_t, int, bool, bool, bool>(),
+             py::arg("type_id"),
              py::arg("d_out"), py::arg("d_in"), py::arg("batch") = 1, py::arg("n_threads") = 1,
              py::arg("repack") = true, py::arg("rank") = 0, py::arg("seed") = 0, py::arg("copies") = 1,
-             py::arg("mid") = false)
+             py::arg("mid") = false, py::arg("pre") = true, py::arg("post") = true)
         .def("time", &MulMatBench::time, py::arg("iterations"), "seconds per product, averaged over the iterations")
         .def("run", &MulMatBench::run, py::arg("x"), "the product for x [batch, d_in]")
         .def_property_readonly("repacked", &MulMatBench::repacked, "whether the weights sit in CPU_REPACK");
