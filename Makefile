@@ -25,7 +25,7 @@ PATCHES       := $(wildcard ggml_patches/*.patch)
 CPP_SOURCES   := $(wildcard cpp/*) $(wildcard python/bindings/*) CMakeLists.txt
 CCACHE        := $(shell command -v ccache 2>/dev/null)
 
-.PHONY: setup demo test clean aarch64-tools
+.PHONY: setup demo test clean aarch64-tools cuda cuda-configure
 setup: $(BUILD_STAMP) $(GGUF_STAMP) $(LLAMA_PY_STAMP) $(TEACHER)
 
 $(VENV_STAMP): requirements.txt
@@ -84,8 +84,49 @@ ifneq ($(AARCH64_TOOLS),yes)
 	    || echo "aarch64 cross tools could not be installed: the NEON kernel test will be skipped"
 endif
 
-test: setup aarch64-tools
+# ---- CUDA (issue #22): a second build folder with GGML_CUDA=ON; the CPU build above is the default and unchanged ----
+# One architecture (CUDA_ARCH, default 90 = H100/H200), flash-attention kernels off unless CUDA_FA=ON. cuBLAS: the
+# nvidia-cublas wheel installed into .venv (requirements-cuda.txt), or CUBLAS_ROOT=DIR for another install with
+# DIR/include/cublas_v2.h and DIR/lib[64]/libcublas.so* (a CUDA torch's nvidia wheels, a full toolkit). No VMM: the
+# driver library is not needed to link, so the build links on machines without a GPU (ggml's pool uses cudaMalloc).
+CUDA_ARCH     ?= 90
+CUDA_FA       ?= OFF
+CUDA_BUILD    := build-cuda
+CUDA_TOOLS    ?= llama-bench llama-completion llama-perplexity test-backend-ops
+NVCC          := $(shell command -v nvcc 2>/dev/null)
+CUBLAS_STAMP  := $(VENV)/.nvidia-cublas-installed
+ifeq ($(origin CUBLAS_ROOT),undefined)
+CUBLAS_ROOT    = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13
+CUBLAS_DEPS   := $(CUBLAS_STAMP)
+endif
+cublas_lib     = $(firstword $(wildcard $(CUBLAS_ROOT)/lib/lib$(1).so* $(CUBLAS_ROOT)/lib64/lib$(1).so*))
+
+$(CUBLAS_STAMP): requirements-cuda.txt $(VENV_STAMP)
+	$(PY) -m pip install -q -r requirements-cuda.txt
+	touch $@
+
+$(CUDA_BUILD)/build.ninja: $(VENDOR_STAMP) $(CUBLAS_DEPS) CMakeLists.txt
+	@test -n "$(NVCC)" || { echo "make cuda: nvcc not found on PATH (a CUDA 12.8+ toolkit is needed)"; exit 1; }
+	@test -n "$(call cublas_lib,cublas)" || { echo "make cuda: no libcublas.so* under $(CUBLAS_ROOT)"; exit 1; }
+	cmake -S . -B $(CUDA_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DNANOQUANT_BUILD_PYTHON=OFF \
+	    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) -DGGML_CUDA_FA=$(CUDA_FA) -DGGML_CUDA_NCCL=OFF \
+	    -DGGML_CUDA_NO_VMM=ON -DGGML_CUDA_COMPRESSION_MODE=none -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
+	    -DCUDA_cublas_LIBRARY=$(call cublas_lib,cublas) -DCUDA_cublasLt_LIBRARY=$(call cublas_lib,cublasLt) \
+	    -DCMAKE_CUDA_FLAGS="-I$(CUBLAS_ROOT)/include" \
+	    $(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+	                   -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+
+cuda-configure: $(CUDA_BUILD)/build.ninja
+
+cuda: $(CUDA_BUILD)/build.ninja
+	cmake --build $(CUDA_BUILD) -j $(JOBS) --target $(CUDA_TOOLS)
+
+# CI has no GPU: tests/test_cuda_sources.py compiles the CUDA sources (flags from the configured CUDA build) and runs
+# the host tests of the device functions; without nvcc it skips, except under CI=true, where it fails
+CUDA_CHECK_DEPS := $(if $(NVCC),$(CUDA_BUILD)/build.ninja)
+
+test: setup aarch64-tools $(CUDA_CHECK_DEPS)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(BUILD) $(LLAMA_DIR)
+	rm -rf $(BUILD) $(CUDA_BUILD) $(LLAMA_DIR)

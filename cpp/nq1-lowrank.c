@@ -21,7 +21,8 @@ static const struct nq1_lowrank_step nq1_lowrank_steps[] = {
 };
 enum { NQ1_LOWRANK_STEPS = sizeof(nq1_lowrank_steps) / sizeof(nq1_lowrank_steps[0]) };
 
-static struct ggml_tensor ** nq1_lowrank_operand(struct nq1_lowrank_layer * layer, const struct nq1_lowrank_step * step) {
+static struct ggml_tensor ** nq1_lowrank_operand(struct nq1_lowrank_layer * layer,
+                                                 const struct nq1_lowrank_step * step) {
     return (struct ggml_tensor **) ((char *) layer + step->operand);
 }
 
