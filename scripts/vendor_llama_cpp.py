@@ -82,13 +82,14 @@ def main() -> None:
     args = parser.parse_args()
 
     patches = sorted(args.patches.glob("[0-9][0-9][0-9][0-9]-*.patch"))
-    sdist = fetch_sdist(args.downloads)
     fingerprint = hashlib.sha256(SDIST_SHA256.encode())
     for p in patches:
         fingerprint.update(p.name.encode() + b"\0" + p.read_bytes())
     stamp = args.dest / ".nanoquant-patches.sha256"
     if stamp.exists() and stamp.read_text().strip() == fingerprint.hexdigest():
+        stamp.touch()  # up to date: newer than the patches for make, and no sdist needed (a copied tree)
         return
+    sdist = fetch_sdist(args.downloads)
     print(f"vendor_llama_cpp: extracting llama.cpp {LLAMA_CPP_COMMIT} into {args.dest}", flush=True)
     extract_tree(sdist, args.dest)
     apply_patches(args.dest, patches)
