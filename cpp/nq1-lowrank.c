@@ -95,9 +95,20 @@ static int count_bits(unsigned bits) {
     return n;
 }
 
+// the V product a chain at `first` would have: the first node, or the second after s_pre
+static const struct ggml_tensor * nq1_lowrank_v_product(const struct ggml_cgraph * cgraph, int first) {
+    const struct ggml_tensor * node = cgraph->nodes[first];
+    if (node->op == GGML_OP_MUL_MAT) {
+        return node;
+    }
+    const struct ggml_tensor * next = first + 1 < cgraph->n_nodes ? cgraph->nodes[first + 1] : NULL;
+    return node->op == GGML_OP_MUL && next && next->op == GGML_OP_MUL_MAT && next->src[1] == node ? next : NULL;
+}
+
 bool nq1_lowrank_match(const struct ggml_cgraph * cgraph, int first, struct nq1_lowrank_chain * chain) {
-    const enum ggml_op op = cgraph->nodes[first]->op;
-    if (op != GGML_OP_MUL && op != GGML_OP_MUL_MAT) {
+    // backends ask at every node: turn away everything but a product by NQ1 signs at once
+    const struct ggml_tensor * v_product = nq1_lowrank_v_product(cgraph, first);
+    if (v_product == NULL || v_product->src[0]->type != GGML_TYPE_NQ1) {
         return false;
     }
     unsigned optional = 0;

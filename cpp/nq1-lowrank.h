@@ -47,8 +47,9 @@ struct nq1_lowrank_chain {
 GGML_API struct ggml_tensor * nq1_lowrank_build(struct ggml_context * ctx, const struct nq1_lowrank_layer * layer);
 
 // Whether a chain starts at node `first` of the graph (the longest one when several would); fills *chain if so.
-// Checks the ops, how they connect, that each scale is one row as wide as what it scales, and that only the last node
-// is used outside; tensor types, layouts and sizes are the backend's to check.
+// Checks the ops, how they connect, that V is NQ1 (which turns other nodes away at once: backends ask at every node),
+// that each scale is one row as wide as what it scales, and that only the last node is used outside; the other types,
+// layouts and sizes are the backend's to check.
 GGML_API bool nq1_lowrank_match(const struct ggml_cgraph * cgraph, int first, struct nq1_lowrank_chain * chain);
 
 #ifdef __cplusplus
