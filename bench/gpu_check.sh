@@ -117,7 +117,12 @@ EOF
 fi
 
 # ---- 3. test-backend-ops -------------------------------------------------------------------------------------------
-if (( BUILD_OK )); then
+HAVE_GPU=0
+[ -n "$GPU" ] && HAVE_GPU=1
+if (( BUILD_OK && !HAVE_GPU )); then
+    record "GPU steps" skipped 0 "no GPU (nvidia-smi lists none): stopped before the steps that need one"
+fi
+if (( BUILD_OK && HAVE_GPU )); then
     for spec in "MUL_MAT type_a=nq1" "GET_ROWS type=nq1" "NQ1_LOWRANK"; do
         set -- $spec
         say "test-backend-ops -b CUDA0 -o $1 ${2:+-p $2}"
@@ -145,14 +150,16 @@ if (( BUILD_OK )); then
     for shape in $SHAPES; do
         say "models: $shape (bench/gpu_models.py)"
         if run_step "models $shape" 90 "$WORK/logs/models-$shape.log" \
-                python3 bench/gpu_models.py "$WORK/models" --shapes "$shape"; then
+                python3 bench/gpu_models.py "$WORK/models" --shapes "$shape" && (( HAVE_GPU )); then
             bench "$shape" "$WORK/models/$shape-NQ-1.0.gguf" "$WORK/models/$shape-Q4_0.gguf"
         fi
     done
     SMOL=bench/results/SmolLM2-135M-Instruct
     SMOL_NQ=${SMOLLM2_NQ:-$SMOL/NQ-1.0.gguf}
     SMOL_Q4=${SMOLLM2_Q4_0:-$SMOL/decode-Q4_0.gguf}
-    if [ -f "$SMOL_NQ" ] && [ -f "$SMOL_Q4" ]; then
+    if (( !HAVE_GPU )); then
+        :
+    elif [ -f "$SMOL_NQ" ] && [ -f "$SMOL_Q4" ]; then
         bench smollm2 "$SMOL_NQ" "$SMOL_Q4"
     else
         record "llama-bench smollm2" skipped 0 "no $SMOL_NQ or $SMOL_Q4 (bench/quality.py and bench/decode.py make them)"
@@ -236,7 +243,7 @@ md = [f"# GPU check ({machine['gpu']}, {machine['cores']} cores, commit {machine
 md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail'][:160]} |" for s in steps]
 md += ["", "| test-backend-ops -b CUDA0 | OK | failed | not supported |", "|---|---:|---:|---:|"]
 md += [f"| {n} | {t['ok']} | {len(t['failed'])} | {t['not_supported']} |" for n, t in tests.items()]
-md += ["", "llama-bench -ngl 99 -fa 0, tokens/s (median of the repetitions' mean):", "",
+md += ["", "llama-bench -ngl 99 -fa 0, tokens/s (mean over the repetitions, llama-bench's avg_ts):", "",
        "| model | file | size MiB | pp512 | tg128 |", "|---|---|---:|---:|---:|"]
 for name, m in models.items():
     for kind in ("NQ-1.0", "NQ-1.0 unfused", "Q4_0"):

@@ -71,8 +71,11 @@ def test_cuda_sources_compile_for_two_architectures(tmp_path):
     require_nvcc()
 
     def compile_one(source: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        # ~1 minute a file alone on 2 cores (mmvq.cu, two architectures); a machine busy with other work stretches
+        # that (one run here took over 15 minutes for mmvq.cu while other jobs held both cores), so the limit only
+        # catches a compiler that hangs
         command, directory = build_command(source, tmp_path / (source.name + ".o"))
-        return source, subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=900)
+        return source, subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=3600)
 
     # two at a time: the machines CI runs on have two cores
     with ThreadPoolExecutor(max_workers=2) as pool:
