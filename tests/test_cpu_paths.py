@@ -8,12 +8,15 @@ through a whole model that is what is left to compare, and it is what the tolera
 - per layer: plain within 3% of the float64 product (test_kernels.test_lowrank_binary_matmul_matches_float64), the
   repacked path within 3% of the plain one (test_kernels.test_table_lookup_path_matches_the_vec_dot_path), so within
   6% of the product;
-- per logit, against nanoquant.reference's forward of the same file (F32 factors, torch): at every position the root
-  mean square of the logit error stays within LOGIT_RMS of the reference logits' standard deviation, and on a real
-  model the top token agrees at TOP1 of the positions at least. Measured on SmolLM2 (fast preset, 200 tokens of
-  WikiText-2 test): worst position 0.13 (repacked) and 0.16 (plain), top-1 agreement 0.98 for both. The reference
-  also differs from llama.cpp in the ordinary parts (Q8_0 activations of the other matmuls, the F16 KV cache), so
-  the file densified to F32 layers and run through stock llama.cpp kernels is held to the same bound.
+- per logit, against the F32 product of the factors: the file densified to F32 layers (reference.densify_gguf) and run
+  through llama.cpp's own F32 matmuls, everything else equal; at every position the root mean square of the logit
+  error stays within LOGIT_RMS of the F32 logits' standard deviation, and on a real model the top token agrees at TOP1
+  of the positions at least; a real model is also held against nanoquant.reference's forward (torch, F32 factors).
+  Measured on SmolLM2 (fast preset, 200 tokens of WikiText-2 test), worst position: repacked 0.155 / plain 0.188 of
+  the std against the densified file (top-1 0.975 / 0.995), 0.126 / 0.164 against the reference forward (top-1 0.98),
+  where the densified file itself is 0.055 off (Q8_0 activations of the ordinary matmuls, the F16 KV cache); the
+  tiny models 0.012-0.036. (The reference forward of the tiny gemma3 is 0.68 off llama.cpp even for the densified
+  file, an architecture detail of the reference and not of NQ1, so the tiny models are held to the densified file.)
 """
 from __future__ import annotations
 
@@ -50,15 +53,20 @@ def _errors(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def _check(path, real_model: bool, tmp_path) -> dict:
+    """Both paths against the F32 product of the factors: the file densified to F32 weights through llama.cpp's own
+    F32 matmuls (everything else the same), and on a real model also against the Python reference forward."""
     tokens = _tokens(path)
-    reference = _reference_logits(path, tokens)
     runs = {}
     for repack in (True, False):
         with Model(path, n_ctx=512, n_threads=2, repack=repack) as model:
             runs["repacked" if repack else "plain"] = model.logits(tokens)
     with Model(densify_gguf(path, tmp_path / "dense.gguf"), n_ctx=512, n_threads=2) as model:
-        runs["densified F32"] = model.logits(tokens)
-    measured = {name: _errors(logits, reference) for name, logits in runs.items()}
+        dense = model.logits(tokens)
+    measured = {f"{name} vs densified": _errors(logits, dense) for name, logits in runs.items()}
+    if real_model:
+        reference = _reference_logits(path, tokens)
+        runs["densified"] = dense
+        measured.update({f"{name} vs reference": _errors(logits, reference) for name, logits in runs.items()})
     for name, (rms, top1) in measured.items():
         assert rms <= LOGIT_RMS, (path.name, name, measured)
         if real_model:
