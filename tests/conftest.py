@@ -112,27 +112,6 @@ def smol_nq(tmp_path_factory) -> Path:
     return out
 
 
-def rewrite_gguf(src: Path, dst: Path, edit) -> Path:
-    """dst: src's metadata and tensors after edit(list of [name, data, ggml type]) changed the list in place."""
-    import gguf
-    import numpy as np
-
-    from nanoquant.gguf_writer import copy_metadata
-
-    reader = gguf.GGUFReader(src)
-    tensors = [[t.name, np.array(t.data), t.tensor_type] for t in reader.tensors]
-    edit(tensors)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    copy_metadata(reader, writer)
-    for name, data, dtype in tensors:
-        writer.add_tensor(name, data, raw_dtype=dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
 _LOAD_SCRIPT = """
 import json, sys
 from nanoquant import Model

@@ -4,8 +4,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import load_in_child, make_tiny_model, rewrite_gguf, run_converter, run_tool
+from conftest import load_in_child, make_tiny_model, run_converter, run_tool
 from nanoquant import formats
+from nanoquant.gguf_writer import rewrite_gguf
 from nanoquant.reference import NQFormatError, load_reference_model
 
 TOOLS = ("llama-completion", "llama-perplexity")

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+# the calibration data: a wheel carries its own copy (pyproject's wheel.force-include), a checkout reads data/
+_WHEEL_DATA = Path(__file__).resolve().parent / "data"
+DATA_DIR = _WHEEL_DATA if _WHEEL_DATA.is_dir() else Path(__file__).resolve().parents[2] / "data"
 DEFAULT_CALIBRATION_TEXT = DATA_DIR / "wikitext-2" / "valid.txt"
 # the teacher answers these to make calibration conversations; data/chat/eval-instructions.txt is held out
 DEFAULT_CHAT_INSTRUCTIONS = DATA_DIR / "chat" / "calibration-instructions.txt"

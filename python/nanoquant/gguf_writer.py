@@ -66,6 +66,25 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str] = froze
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
 
 
+def rewrite_gguf(src: Path, dst: Path, edit, extra_keys=None) -> Path:
+    """dst: src's metadata and tensors after edit(list of [name, data, ggml type]) changed the list in place
+    and extra_keys(writer), if given, added keys."""
+    reader = GGUFReader(src)
+    tensors = [[t.name, np.array(t.data), t.tensor_type] for t in reader.tensors]
+    edit(tensors)
+    writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    copy_metadata(reader, writer)
+    if extra_keys is not None:
+        extra_keys(writer)
+    for name, data, dtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 def finish_gguf(writer: GGUFWriter, tmp_path: Path, out_path: Path, progress: bool = False) -> None:
     """Write a filled GGUFWriter (opened on tmp_path) and rename it to out_path; on failure remove tmp_path."""
     try:

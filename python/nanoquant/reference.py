@@ -173,3 +173,28 @@ def perplexity(model, tokens: list[int], n_ctx: int = 512, n_chunks: int | None 
 def gguf_add_bos(reader: GGUFReader) -> bool:
     field = reader.fields.get("tokenizer.ggml.add_bos_token")
     return bool(field.contents()) if field is not None else False
+
+
+def dense_weight(layer: NQTensors) -> np.ndarray:
+    """s_post * U diag(s_mid) V * s_pre as one F32 matrix [d_out, d_in]: what the layer's factors multiply by."""
+    u = layer.u.astype(np.float64) * (1.0 if layer.s_mid is None else layer.s_mid.astype(np.float64))
+    w = u @ layer.v.astype(np.float64)
+    if layer.s_pre is not None:
+        w *= layer.s_pre.astype(np.float64)[None, :]
+    if layer.s_post is not None:
+        w *= layer.s_post.astype(np.float64)[:, None]
+    return w.astype(np.float32)
+
+
+def densify_gguf(src: Path, dst: Path) -> Path:
+    """dst: src with every NanoQuant layer stored as its dense F32 `.weight`, an ordinary GGUF that stock llama.cpp
+    multiplies with its own kernels: the F32 product of the factors, to hold the NQ1 paths against."""
+    from .gguf_writer import rewrite_gguf
+
+    layers = nq_layers(open_gguf(src), src)
+
+    def edit(tensors):
+        tensors[:] = [t for t in tensors if t[0].rsplit(".", 1)[-1] not in formats.SUFFIXES]
+        tensors.extend([f"{base}.weight", dense_weight(layer), GGMLQuantizationType.F32]
+                       for base, layer in layers.items())
+    return rewrite_gguf(src, dst, edit)
