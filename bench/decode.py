@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from gpu_models import add_llama_hparams  # noqa: E402
 from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, machine, partial, run, slug  # noqa: E402
 
 LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
@@ -107,15 +108,7 @@ def synthetic_base(folder: Path) -> Path:
     w.add_name("synthetic-llama-1b (random weights, speed only)")
     copy_metadata(teacher, w, skip={f.name for f in teacher.fields.values() if not f.name.startswith("tokenizer.")})
     vocab = len(teacher.fields["tokenizer.ggml.tokens"].contents())
-    w.add_context_length(s["ctx"])
-    w.add_embedding_length(s["hidden"])
-    w.add_block_count(s["blocks"])
-    w.add_feed_forward_length(s["ffn"])
-    w.add_head_count(s["heads"])
-    w.add_head_count_kv(s["kv_heads"])
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
+    add_llama_hparams(w, s, head_dim, vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
     def rand(*shape):  # numpy order: (rows, cols) = (d_out, d_in)

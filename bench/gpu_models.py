@@ -60,18 +60,23 @@ def random_blocks(rng: np.random.Generator, qtype, rows: int, cols: int, scale: 
     return data.reshape(rows, cols // block * size)
 
 
-def writer(out: Path, s: dict, name: str, file_type) -> gguf.GGUFWriter:
-    w = gguf.GGUFWriter(out, "llama")
-    w.add_name(f"{name} (random weights, speed only)")
+def add_llama_hparams(w: gguf.GGUFWriter, s: dict, head_dim: int, vocab: int) -> None:
+    """The llama hyperparameters of a synthetic shape (bench/decode.py's shapes too)."""
     w.add_context_length(s["ctx"])
     w.add_embedding_length(s["hidden"])
     w.add_block_count(s["blocks"])
     w.add_feed_forward_length(s["ffn"])
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
-    w.add_rope_dimension_count(s["hidden"] // s["heads"])
+    w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(s["vocab"])
+    w.add_vocab_size(vocab)
+
+
+def writer(out: Path, s: dict, name: str, file_type) -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_name(f"{name} (random weights, speed only)")
+    add_llama_hparams(w, s, s["hidden"] // s["heads"], s["vocab"])
     w.add_file_type(file_type)
     # a SentencePiece vocabulary: unk, bos, eos, the 256 byte tokens, then word pieces
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
