@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -21,8 +20,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from nanoquant import corpus  # noqa: E402
+from quality import machine  # noqa: E402
 
 BIN = REPO / "build" / "bin"
 RESULTS = REPO / "bench" / "results"
@@ -78,8 +79,7 @@ def main(argv=None) -> int:
     for path in (args.nq, args.plain):
         if not path.is_file():
             sys.exit(f"{path}: no such file (the NQ default is made by `bench/quality.py --rows 'NQ 1.0 (fast preset)'`)")
-    report = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-              "files": {}}
+    report = {"machine": machine(), "files": {}}
     for label, src in (("NQ file", args.nq), ("ordinary file", args.plain)):
         print(f"{label}: {src}", flush=True)
         rows = run_file(src)

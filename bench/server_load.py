@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from nanoquant import serverload  # noqa: E402
+from quality import machine  # noqa: E402
 
 BIN = REPO / "build" / "bin"
 RESULTS = REPO / "bench" / "results"
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if not args.nq.is_file():
         sys.exit(f"{args.nq}: no such file (the default is made by `bench/quality.py --rows 'NQ 1.0 (fast preset)'`)")
     q4 = args.q4 or q4_0(RESULTS / "SmolLM2-135M-Instruct" / "Q4_0.gguf")
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    report = {"machine": machine(),
               "requests": args.requests, "max_tokens": args.max_tokens, "throughput": {}}
     for name, model in ((f"NQ ({args.nq.name})", args.nq), (f"Q4_0 ({q4.name})", q4)):
         report["throughput"][name] = []
