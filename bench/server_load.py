@@ -33,6 +33,7 @@ SLOTS = (1, 2, 4)
 
 def q4_0(out: Path) -> Path:
     if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")
         subprocess.run([str(BIN / "llama-quantize"), "--allow-requantize", str(TEACHER), str(tmp), "Q4_0", "2"],
                        check=True, capture_output=True)
