@@ -23,12 +23,10 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from nanoquant import corpus  # noqa: E402
-from quality import machine  # noqa: E402
+from quality import BIN, DEFAULT_MODEL, RESULTS, machine  # noqa: E402
 
-BIN = REPO / "build" / "bin"
-RESULTS = REPO / "bench" / "results"
 DEFAULT_NQ = RESULTS / "SmolLM2-135M-Instruct" / "NQ-1.0-fast-preset.gguf"
-DEFAULT_PLAIN = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PLAIN = DEFAULT_MODEL
 OUTCOMES = (corpus.REFUSED, corpus.ACCEPTED, corpus.CRASH, corpus.HANG, corpus.NO_REASON)
 
 

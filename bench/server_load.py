@@ -22,12 +22,10 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from nanoquant import serverload  # noqa: E402
-from quality import machine  # noqa: E402
+from malformed import DEFAULT_NQ  # noqa: E402
+from quality import BIN, DEFAULT_MODEL, RESULTS, machine  # noqa: E402
 
-BIN = REPO / "build" / "bin"
-RESULTS = REPO / "bench" / "results"
-DEFAULT_NQ = RESULTS / "SmolLM2-135M-Instruct" / "NQ-1.0-fast-preset.gguf"
-TEACHER = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEACHER = DEFAULT_MODEL
 SLOTS = (1, 2, 4)
 
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import formats
 from .gguf_writer import rewrite_gguf
+from .serverload import free_port
 
 STRUCTURAL, DATA = "structural", "data"
 REFUSED, ACCEPTED, CRASH, HANG, NO_REASON = "refused", "accepted", "crash", "hang", "refused without the reason"
@@ -429,15 +429,9 @@ def run_line_tool(bin_dir: Path, tool: str, path: Path, reason: str) -> Outcome:
     return _judge(proc.returncode, proc.stdout + proc.stderr, reason, path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_server(bin_dir: Path, path: Path, reason: str) -> Outcome:
     """llama-server on loopback: a refused file ends the server with its reason; an accepted one answers /health."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
                              "-np", "1", "-c", "256", "-t", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace")
