@@ -1,6 +1,7 @@
 """Shared fixtures: paths of the build, the embedded model, tiny random models converted by the real converter."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,9 +35,10 @@ def run_tool(tool: str, *args: str, timeout: int = 900) -> subprocess.CompletedP
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def run_converter(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+def run_converter(*args: str, timeout: int = 1800, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The converter's command line; env: variables set for this run on top of the test's own."""
     return subprocess.run([sys.executable, str(CONVERTER), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 def llama_perplexity(model: Path, text_file: Path, n_ctx: int, chunks: int, *extra: str) -> float:

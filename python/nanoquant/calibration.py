@@ -184,6 +184,9 @@ class LinearStats:
     input_moment: torch.Tensor   # E[x_j^2] over the layer's inputs
     output_moment: torch.Tensor  # GRAD_SCALE * E[(dL/dy_i)^2]
 
+    def to(self, device: torch.device) -> LinearStats:
+        return LinearStats(self.input_moment.to(device), self.output_moment.to(device))
+
     def preconditioners(self, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(D_in, D_out) after shrinkage, as square roots of the second moments."""
         d_in = shrink(self.input_moment, gamma).sqrt().clamp_min(1e-12)

@@ -30,7 +30,12 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _pack(signs: torch.Tensor) -> dict:
-    return {"bits": torch.from_numpy(formats.pack_signs(signs.numpy())), "cols": signs.shape[1]}
+    return {"bits": torch.from_numpy(formats.pack_signs(signs.cpu().numpy())), "cols": signs.shape[1]}
+
+
+def _host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A checkpoint holds host tensors, so a conversion computed on a GPU resumes anywhere."""
+    return None if t is None else t.cpu()
 
 
 def _unpack(packed: dict) -> torch.Tensor:
@@ -83,12 +88,12 @@ class WorkFolder:
         """Whether --resume would save work here: the statistics or a finished block are checkpointed."""
         return (self.path / "stats.pt").is_file() or self._block_path(0).is_file()
 
-    def load_stats(self):
+    def load_stats(self) -> dict | None:
         path = self.path / "stats.pt"
         return torch.load(path, weights_only=False) if path.is_file() else None
 
-    def save_stats(self, stats) -> None:
-        _atomic_save(stats, self.path / "stats.pt")
+    def save_stats(self, stats: dict) -> None:
+        _atomic_save({name: s.to("cpu") for name, s in stats.items()}, self.path / "stats.pt")
 
     def _block_path(self, index: int) -> Path:
         return self.path / f"block-{index:04d}.pt"
@@ -108,12 +113,13 @@ class WorkFolder:
     def save_block(self, index: int, layers: dict[str, tuple[LowRankBinary, torch.Tensor | None]],
                    reports: list, stream: dict) -> None:
         payload = {
-            "layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": layer.s_pre, "s_post": layer.s_post,
-                              "s_mid": layer.s_mid, "bias": bias} for name, (layer, bias) in layers.items()},
+            "layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": _host(layer.s_pre),
+                              "s_post": _host(layer.s_post), "s_mid": _host(layer.s_mid), "bias": _host(bias)}
+                       for name, (layer, bias) in layers.items()},
             "reports": reports,
         }
         _atomic_save(payload, self._block_path(index))
-        _atomic_save(dict(stream, after_block=index), self.path / "stream.pt")
+        _atomic_save({**{k: _host(t) for k, t in stream.items()}, "after_block": index}, self.path / "stream.pt")
 
     def load_block(self, index: int) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
         payload = torch.load(self._block_path(index), weights_only=False)

@@ -39,8 +39,9 @@ from .memory import StagePeaks, return_freed_memory_to_the_system
 from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, DistillSettings, FrozenLowRankBinary,
                           TrainableLowRankBinary, TuneSettings, block_loss, capture_block_inputs, distill_scales,
                           run_block_batched, saved_activation_bytes, tune_block)
-from .settings import CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, PRESETS, ConvertSettings, add_options, settings_from_args
-from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton
+from .settings import (CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, DEVICE_AUTO, PRESETS, ConvertSettings, add_options,
+                       settings_from_args, torch_device)
+from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton, place_skeleton
 from .units import (install_unit, member_names, unit_bias, unit_module, unit_preconditioners, unit_rows, unit_shape,
                     unit_weight)
 
@@ -108,9 +109,9 @@ def _base_gguf_from_hf(model_path: Path, work_dir: Path) -> Path:
     return out
 
 
-def load_source(model_path: Path, work_dir: Path, arch: Architecture) -> Source:
+def load_source(model_path: Path, work_dir: Path, arch: Architecture, device: torch.device) -> Source:
     """Blocks stream from a HF folder's safetensors or from a GGUF (dequantised one block at a time; the GGUF's
-    dequantisation is the teacher, its metadata and small tensors the base file)."""
+    dequantisation is the teacher, its metadata and small tensors the base file); the model computes on `device`."""
     from transformers import AutoTokenizer
 
     if model_path.is_dir():
@@ -121,6 +122,7 @@ def load_source(model_path: Path, work_dir: Path, arch: Architecture) -> Source:
         model, blocks = open_gguf_skeleton(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
         base = model_path
+    place_skeleton(model, blocks, device)
     return Source(model, tokenizer, model.config, arch, base, model_path, blocks)
 
 
@@ -323,7 +325,7 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
                 weight = unit_weight(model, name).detach().float()
                 pre_in, pre_out = unit_preconditioners(stats, name, gamma, weight)
                 weighted = pre_out[:, None] * weight * pre_in[None, :]
-                curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted))
+                curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted).cpu())
             source.blocks.release(model, i)
         ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves)
     by_type: dict[str, list[int]] = {}
@@ -346,7 +348,8 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{unit}" for i in range(n_layers) for unit in arch.units(settings.shared_v)]
     linears = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
-    windows = calibration(source, settings, work)
+    device = source.blocks.device
+    windows = calibration(source, settings, work).to(device)
     print(f"calibration: {peaks.end_stage()}")
     clock = time.time()
     stats = work.load_stats()
@@ -356,6 +359,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         scratch.rmdir()
         work.save_stats(stats)
         print(f"statistics: {time.time() - clock:.0f} s, {peaks.end_stage()}")
+    stats = {name: s.to(device) for name, s in stats.items()}
     ranks = work.load_ranks()
     if ranks is None:
         clock = time.time()
@@ -369,7 +373,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         print(f"resuming after block {first - 1}: {first} of {n_layers} blocks are checkpointed in {work.path}")
     if first and data is not None:
         stream = work.load_stream()
-        data.fp, data.quantized = stream["fp"], stream["quantized"]
+        data.fp, data.quantized = stream["fp"].to(device), stream["quantized"].to(device)
 
     reports: list[LayerReport] = []
     clock = time.time()
@@ -379,7 +383,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         if i < first:  # finished by an earlier run
             layers, block_reports = work.load_block(i)
             for name, (layer, bias) in layers.items():
-                install_unit(model, name, FrozenLowRankBinary(layer, bias))
+                install_unit(model, name, FrozenLowRankBinary(layer, bias).to(device))
         else:
             layers, block_reports = quantize_block(model, i, source, stats, ranks, settings, data, progress)
             stream = {} if data is None else {"fp": data.fp, "quantized": data.quantized}
@@ -416,8 +420,8 @@ def _to_file_order(arch, config, n_layers, name, layer: LowRankBinary, bias: tor
     """The unit's tensors in llama.cpp's row order, each member's rows permuted as llama.cpp's converter permutes
     that linear; a shared-input unit's tuned biases stay its members' own tensors (llama.cpp adds them to the fused
     product as they are)."""
-    u, s_post = layer.u.numpy(), layer.s_post.numpy()
-    bias = None if bias is None else bias.detach().numpy()
+    host = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+    u, s_post, bias = host(layer.u), host(layer.s_post), host(bias)
     bounds = np.cumsum([0, *rows])
     order, biases, replaces = [], {}, []
     for member, start, stop in zip(member_names(name), bounds[:-1], bounds[1:]):
@@ -429,9 +433,9 @@ def _to_file_order(arch, config, n_layers, name, layer: LowRankBinary, bias: tor
         if bias is not None:
             biases[f"{base}.bias"] = bias[rows_in_file]
     order = np.concatenate(order)
-    return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u[order], v=layer.v.numpy(),
-                          s_pre=layer.s_pre.numpy(), s_post=s_post[order], biases=biases, replaces=tuple(replaces),
-                          s_mid=None if layer.s_mid is None else layer.s_mid.numpy())
+    return NQLayerTensors(base=gguf_base_name(arch, n_layers, name), u=u[order], v=host(layer.v),
+                          s_pre=host(layer.s_pre), s_post=s_post[order], biases=biases, replaces=tuple(replaces),
+                          s_mid=host(layer.s_mid))
 
 
 def print_summary(reports: list[LayerReport], out: Path, seconds: float, peak_mib: float) -> None:
@@ -447,20 +451,20 @@ def print_summary(reports: list[LayerReport], out: Path, seconds: float, peak_mi
 
 def settings_record(settings: ConvertSettings) -> str:
     """The settings a file was made with, as the JSON its metadata keeps: every method setting and step count, the
-    calibration text and conversations by name (a local path says nothing on another machine), not the thread count nor activation
-    recomputation (speed and memory only)."""
+    calibration text and conversations by name (a local path says nothing on another machine), not the thread count,
+    the device nor activation recomputation (speed and memory only)."""
     chat = settings.calib_chat if settings.calib_chat in (CHAT_AUTO, CHAT_NONE) else Path(settings.calib_chat).name
     record = as_jsonable(asdict(replace(settings, calib_text=Path(settings.calib_text.name), calib_chat=chat)))
-    del record["threads"], record["distill"]["recompute"]  # memory and speed only: the results are the same
+    del record["threads"], record["device"], record["distill"]["recompute"]  # memory and speed only
     return json.dumps(record, sort_keys=True)
 
 
 def _identity(model_path: Path, settings: ConvertSettings) -> dict:
     """What a work folder belongs to: the source files and every setting that changes what it holds. Distillation
     (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
-    resumed with other distillation settings."""
+    resumed with other distillation settings, and on another device."""
     files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
-    checkpointed = replace(settings, distill=DistillSettings())
+    checkpointed = replace(settings, distill=DistillSettings(), device=DEVICE_AUTO)
     return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(checkpointed)),
             "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}
 
@@ -469,7 +473,8 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
             resume: bool = False, keep_work: bool = False) -> list[LayerReport]:
     start = time.time()
     return_freed_memory_to_the_system()
-    peaks = StagePeaks()
+    device = torch_device(settings.device)
+    peaks = StagePeaks(device)
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
@@ -478,8 +483,8 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
     try:
         with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
-            source = load_source(model_path, Path(tmp), arch)
-            print(f"loading: {peaks.end_stage()}")
+            source = load_source(model_path, Path(tmp), arch, device)
+            print(f"loading: on {device}, {peaks.end_stage()}")
             tensors, reports, as_run = quantize_model(source, settings, work, peaks)
             metadata = {
                 formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),

@@ -6,6 +6,8 @@ import re
 import resource
 from pathlib import Path
 
+import torch
+
 
 def glibc(function: str, *args: int) -> None:
     """Calls a glibc allocator tuning function; elsewhere there is nothing to tune."""
@@ -30,10 +32,11 @@ class StagePeaks:
     """Peak resident memory per conversion stage. Linux keeps a process's peak (VmHWM) and restarts it from the
     present size when 5 is written to /proc/self/clear_refs, so each stage gets its own peak, and a memory benchmark
     can extrapolate each stage to a deeper model on its own. Where that is missing, every stage reports the running
-    peak of the process."""
+    peak of the process. A conversion on a GPU also reports each stage's peak of torch's allocations there."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = torch.device("cpu")):
         self.overall_mib = 0.0
+        self.gpu = device if device.type == "cuda" else None
         self._restart()
 
     @staticmethod
@@ -56,4 +59,8 @@ class StagePeaks:
         self.overall_mib = max(self.overall_mib, peak)
         glibc("malloc_trim", 0)  # a stage should not inherit the freed heap of the one before
         self._restart()
-        return f"peak RSS {peak:.0f} MiB"
+        gpu = ""
+        if self.gpu is not None:
+            gpu = f"peak GPU memory {torch.cuda.max_memory_allocated(self.gpu) / 2**20:.0f} MiB, "
+            torch.cuda.reset_peak_memory_stats(self.gpu)
+        return f"{gpu}peak RSS {peak:.0f} MiB"

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .ranks import MAX_BPW
 
 MIN_WINDOW_TOKENS = 16  # a window shorter than this holds hardly a sentence: the statistics would be noise
@@ -43,6 +45,10 @@ def check_settings(settings) -> None:
             raise InputError(f"{flag}: expected a positive learning rate, got {value:g}")
     if settings.shrinkage is not None and not 0.0 <= settings.shrinkage <= 1.0:
         raise InputError(f"--shrinkage: expected a share between 0 and 1, got {settings.shrinkage:g}")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
+        raise InputError(f"--device cuda: torch {torch.__version__} ({built}) sees no CUDA device; use --device cpu "
+                         "or auto")
 
 
 def check_output(out_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gguf
+import torch
 
 from .admm import AdmmSettings
 from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
@@ -20,6 +21,8 @@ from .ranks import ALLOCATIONS, SENSITIVITY
 from .reconstruct import RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
 
 CHAT_AUTO, CHAT_NONE = "auto", "none"
+DEVICE_AUTO = "auto"
+DEVICES = (DEVICE_AUTO, "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class ConvertSettings:
     shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
     other_type: str = "Q8_0"
     threads: int = 0
+    # where torch computes (statistics, rank allocation, ADMM, block and model reconstruction): "auto" is cuda when
+    # torch sees a GPU. Like threads, it is not part of the file's settings record nor of a work folder's identity
+    device: str = "auto"
     effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
     rank_scaled: tuple[str, ...] = ()      # which of RANK_BOUND_STEPS it may scale (not those set by the user)
 
@@ -92,6 +98,13 @@ DEFAULT_PRESET = "fast"
 # head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 6.3 s at
 # 2.0, while the factorised layers cost 1.64x)
 RANK_BOUND_STEPS = ("admm.iterations", "tune.factor_steps")
+
+
+def torch_device(setting: str) -> torch.device:
+    """The device a --device setting names; auto: the first CUDA device when torch sees one, else the CPU."""
+    if setting == DEVICE_AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
 
 
 def _on_off(text: str) -> bool:
@@ -156,6 +169,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--seed", "seed", int, "seed of calibration sampling, ADMM, tuning and distillation"),
     Option("--other-type", "other_type", _ggml_type, "ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
+    Option("--device", "device", str, "where torch computes every stage: auto (cuda when torch sees a GPU), cpu or cuda",
+           choices=DEVICES),
 )
 
 

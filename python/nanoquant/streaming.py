@@ -26,9 +26,23 @@ class ResidentBlocks:
         pass
 
 
-class SafetensorsBlocks:
-    """Blocks read from a HF folder's safetensors shards on demand."""
+class StreamedBlocks:
+    """Blocks whose weights are read on demand (F32 in host memory) and placed on `device`, where the conversion
+    computes; released, they are shapes without data again."""
     streamed = True
+    device = torch.device("cpu")
+
+    def _place(self, model, index: int, state: dict[str, torch.Tensor]) -> None:
+        layer = model.model.layers[index]
+        layer.load_state_dict(state, strict=True, assign=True)
+        layer.to(self.device)
+
+    def release(self, model, index: int) -> None:
+        model.model.layers[index].to("meta")
+
+
+class SafetensorsBlocks(StreamedBlocks):
+    """Blocks read from a HF folder's safetensors shards on demand."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
@@ -69,10 +83,7 @@ class SafetensorsBlocks:
         state = self.tensors(prefix)
         if not state:
             raise KeyError(f"no tensors named {prefix}* in the safetensors files")
-        model.model.layers[index].load_state_dict(state, strict=True, assign=True)
-
-    def release(self, model, index: int) -> None:
-        model.model.layers[index].to("meta")
+        self._place(model, index, state)
 
 
 class GGUFTensors:
@@ -136,20 +147,16 @@ def gguf_config(path: Path, reader):
     return config, arch
 
 
-class GGUFBlocks:
+class GGUFBlocks(StreamedBlocks):
     """Blocks dequantised from a GGUF on demand."""
-    streamed = True
 
     def __init__(self, tensors: GGUFTensors):
         self.tensors = tensors
 
     def load(self, model, index: int) -> None:
         layer = model.model.layers[index]
-        state = {name: self.tensors.get(f"model.layers.{index}.{name}", p.shape) for name, p in layer.named_parameters()}
-        layer.load_state_dict(state, strict=True, assign=True)
-
-    def release(self, model, index: int) -> None:
-        model.model.layers[index].to("meta")
+        self._place(model, index, {name: self.tensors.get(f"model.layers.{index}.{name}", p.shape)
+                                   for name, p in layer.named_parameters()})
 
 
 def _empty_model(config):
@@ -195,3 +202,15 @@ def open_skeleton(folder: Path):
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False), blocks
+
+
+def place_skeleton(model, blocks: StreamedBlocks, device: torch.device) -> None:
+    """Everything of the model outside its blocks (embeddings, final norm, head, rotary tables) moves to `device`,
+    and the blocks will be placed there as they load. The blocks are shapes without data here, which cannot move."""
+    blocks.device = device
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList()
+    try:
+        model.to(device)
+    finally:
+        model.model.layers = layers
