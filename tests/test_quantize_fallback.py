@@ -74,11 +74,14 @@ def test_a_type_gguf_py_cannot_quantize_needs_core(without_core):
 
 @pytest.mark.skipif(not SMOL_GGUF.is_file(), reason=f"{SMOL_GGUF} is missing (make setup unpacks it)")
 def test_the_teachers_tensors_requantize_to_the_same_bytes_without_core(monkeypatch):
-    """SmolLM2's Q4_1 tensors as the converter writes them at --other-type Q8_0 (the default), with _core and
-    without: the embedding (49152 x 576), an attention and an FFN weight (1536 columns)."""
-    wanted = ("token_embd.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight")
+    """SmolLM2's Q4_1 tensors requantized to Q8_0 (the default --other-type), with _core and without: attention
+    weights (576 and 192 rows) and FFN weights (1536 columns and 1536 rows). Its embedding is Q8_0 already (copied as
+    it is), and a conversion replaces these linears, so on SmolLM2 itself the fallback writes nothing; a model with
+    other tensors (an untied output, F16 sources) takes it."""
+    wanted = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight", "blk.29.ffn_up.weight")
     tensors = [t for t in GGUFReader(SMOL_GGUF).tensors if t.name in wanted]
     assert sorted(t.name for t in tensors) == sorted(wanted)
+    assert all(t.tensor_type == T.Q4_1 for t in tensors)  # so that _requantize quantizes rather than copies
     with_core = [_requantize(t.name, t, T.Q8_0, row_quantizer(T.Q8_0)[0]) for t in tensors]
     monkeypatch.setitem(sys.modules, "nanoquant._core", None)
     monkeypatch.delattr(nanoquant, "_core", raising=False)
