@@ -17,7 +17,9 @@ The device machine has no network, no llama.cpp, no `gguf` package and no nanoqu
   manifest.json         the sizes of both calls and where every file came from
 
 Device call 1 carries .gpu-carry/llama.cpp.tar.xz and .gpu-carry/a (build, test-backend-ops, llama-bench), call 2
-.gpu-carry/b (the conversion); README.md, section GPU, has the two calls. --parts remakes only some of the files.
+.gpu-carry/llama.cpp.tar.xz and .gpu-carry/b (the conversion): the tarball travels twice so that call 2 can still
+convert (gguf-py comes from the tree) on a fresh machine, if the one of call 1 was given back in between. README.md,
+section GPU, has the two calls. --parts remakes only some of the files.
 """
 from __future__ import annotations
 
@@ -197,18 +199,17 @@ def main() -> None:
         manifest["chat"] = write_conversations(args.teacher.resolve(), chat)
     chat_bytes = chat.stat().st_size if chat.is_file() else 0
 
-    # the split that makes both calls equally large: call 1 = tree + tarball + part a, call 2 = tree + part b + chat
+    # the split that makes both calls equally large: call 1 = working tree + tarball + part a, call 2 = working
+    # tree + tarball + part b + conversations
     work_tree, tree_bytes, model_bytes = working_tree_bytes(), tree.stat().st_size, args.teacher.stat().st_size
-    first = (model_bytes - tree_bytes + chat_bytes) // 2
-    if not 0 < first < model_bytes:
-        fail(f"the tarball ({mib(tree_bytes)} MiB) leaves no room to split {args.teacher.name}")
+    first = (model_bytes + chat_bytes) // 2
     if "model" in parts or "model" not in manifest:
         manifest["model"] = split_model(args.teacher.resolve(), out, first)
     calls = {
         "1": dict(carry=[str(tree.relative_to(REPO)), str((out / "a").relative_to(REPO))],
                   bytes=work_tree + tree_bytes + manifest["model"]["parts"]["a"]["bytes"]),
-        "2": dict(carry=[str((out / "b").relative_to(REPO))],
-                  bytes=work_tree + manifest["model"]["parts"]["b"]["bytes"] + chat_bytes),
+        "2": dict(carry=[str(tree.relative_to(REPO)), str((out / "b").relative_to(REPO))],
+                  bytes=work_tree + tree_bytes + manifest["model"]["parts"]["b"]["bytes"] + chat_bytes),
     }
     manifest.update(working_tree_bytes=work_tree, limit_mib=LIMIT_MIB, calls=calls)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
