@@ -167,6 +167,9 @@ fi
 # ---- 1. machine -------------------------------------------------------------------------------------------------
 say "machine"
 GPU=$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1)
+if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH  # a toolkit installed but not on PATH (make looks nvcc up on PATH too)
+fi
 NVCC=$(command -v nvcc || true)
 NVCC_VERSION=$([ -n "$NVCC" ] && nvcc --version | tail -n 2 | head -n 1)
 if [ -z "${CUDA_ARCH:-}" ]; then
