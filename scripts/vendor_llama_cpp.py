@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--downloads", type=Path, default=Path("downloads"))
     parser.add_argument("--patches", type=Path, default=Path("ggml_patches"))
     parser.add_argument("--dest", type=Path, default=Path("vendor/llama.cpp"))
+    parser.add_argument("--offline", action="store_true",
+                        help="accept only a copied tree made from these patches (its stamp says so); never download "
+                             "nor re-patch (bench/gpu_check.sh on a machine without network)")
     args = parser.parse_args()
 
     patches = sorted(args.patches.glob("[0-9][0-9][0-9][0-9]-*.patch"))
@@ -89,6 +92,10 @@ def main() -> None:
     if stamp.exists() and stamp.read_text().strip() == fingerprint.hexdigest():
         stamp.touch()  # up to date: newer than the patches for make, and no sdist needed (a copied tree)
         return
+    if args.offline:
+        found = stamp.read_text().strip() if stamp.exists() else "no stamp"
+        fail(f"{args.dest} was not made from {args.patches}/ (its {stamp.name}: {found}; these patches: "
+             f"{fingerprint.hexdigest()}); --offline makes no other tree: copy one made by `make` from these patches")
     sdist = fetch_sdist(args.downloads)
     print(f"vendor_llama_cpp: extracting llama.cpp {LLAMA_CPP_COMMIT} into {args.dest}", flush=True)
     extract_tree(sdist, args.dest)

@@ -296,11 +296,17 @@ def _answering_teacher(source: Source) -> Path:
     return out
 
 
+def chat_window_count(settings: ConvertSettings) -> int:
+    """How many calibration windows are conversations, where the model has any (bench/gpu_carry.py reads it too, to
+    make the conversations a run of these settings would)."""
+    return 0 if settings.calib_chat == CHAT_NONE else round(settings.calib_windows * settings.chat_share)
+
+
 def calibration(source: Source, settings: ConvertSettings, work: WorkFolder) -> torch.Tensor:
     """All calibration windows, raw text first, then conversations; every window starts as the model is used."""
     bos = window_bos(source.base_gguf, source.tokenizer)
     n, length = settings.calib_windows, settings.calib_window_tokens
-    n_chat = 0 if settings.calib_chat == CHAT_NONE else round(n * settings.chat_share)
+    n_chat = chat_window_count(settings)
     conversations = chat_conversations(source, settings, work, n_chat * length)
     n_chat = n_chat if conversations else 0
     windows = torch.cat([text_windows(source.tokenizer, settings.calib_text, n - n_chat, length, settings.seed, bos),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -38,8 +39,37 @@ class NQLayerTensors:
         return [f"{name}.weight" for name in (self.replaces or (self.base,))]
 
 
-def _requantize(name: str, t, target: GGMLQuantizationType):
-    """(data, raw_dtype) of a base tensor in the requested type; 1-D tensors and norms stay F32."""
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)  # written by numpy's own conversion
+
+
+def row_quantizer(target: GGMLQuantizationType) -> tuple[Callable[[np.ndarray], np.ndarray], str | None]:
+    """(quantize, fallback note): float32 rows -> packed uint8 rows of `target`, by ggml's own quantizers
+    (nanoquant._core, every type) or, where that native build cannot be imported (a GPU machine given only the source
+    tree and gguf-py), by gguf-py's numpy quantizer of the type, whose bytes equal ggml's for every type it has
+    (tests/test_quantize_fallback.py); the note says so, None for ggml's own. The one place that decides."""
+    try:
+        from . import _core
+    except ImportError as e:
+        missing = f"{type(e).__name__}: {e}"
+    else:
+        return (lambda rows: _core.quantize_rows(rows, int(target))), None
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    try:  # gguf-py registers some types for dequantization only; one block of zeros tells
+        gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), target)
+    except NotImplementedError:
+        raise ValueError(f"--other-type {target.name}: gguf-py has no quantizer for {target.name}, and "
+                         f"nanoquant._core (ggml's quantizers, built by `make`) cannot be imported ({missing}); "
+                         "build it, or choose a type gguf-py quantizes (Q8_0, F16, ...)") from None
+
+    def quantize(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(gguf.quants.quantize(rows, target)).view(np.uint8).reshape(rows.shape[0], -1)
+
+    return quantize, f"gguf-py's numpy {target.name} quantizer (nanoquant._core cannot be imported: {missing})"
+
+
+def _requantize(name: str, t, target: GGMLQuantizationType, quantize_rows: Callable[[np.ndarray], np.ndarray] | None):
+    """(data, raw_dtype) of a base tensor in the requested type; 1-D tensors and norms stay F32. quantize_rows:
+    row_quantizer's, for a target other than F32 and F16."""
     if t.tensor_type == target:
         return np.asarray(t.data), t.tensor_type
     values = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
@@ -47,12 +77,9 @@ def _requantize(name: str, t, target: GGMLQuantizationType):
     block, _ = gguf.GGML_QUANT_SIZES[target]
     if values.ndim < 2 or name.endswith("norm.weight") or values.shape[-1] % block:
         return values, GGMLQuantizationType.F32
-    if target in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+    if target in FLOAT_TYPES:
         return values.astype(np.float32 if target == GGMLQuantizationType.F32 else np.float16), target
-    from . import _core  # ggml's own quantizers, so every ggml type is available
-
-    rows = values.reshape(-1, values.shape[-1])
-    packed = _core.quantize_rows(rows, int(target))
+    packed = quantize_rows(values.reshape(-1, values.shape[-1]))
     return packed.reshape(*values.shape[:-1], packed.shape[-1]), target
 
 
@@ -116,6 +143,11 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     if missing:
         raise ValueError(f"{base_path}: has no tensors {', '.join(missing[:5])} to replace")
 
+    quantize_rows = None
+    if other_type not in FLOAT_TYPES:
+        quantize_rows, note = row_quantizer(other_type)
+        if note:
+            print(f"writing: the other tensors by {note}")
     tmp_path = out_path.with_name(out_path.name + ".partial")
     writer = GGUFWriter(tmp_path, arch)
     try:
@@ -130,7 +162,7 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
             if t.name in biases:
                 writer.add_tensor(t.name, np.ascontiguousarray(biases[t.name], dtype=np.float32))
                 continue
-            data, dtype = _requantize(t.name, t, other_type)
+            data, dtype = _requantize(t.name, t, other_type, quantize_rows)
             writer.add_tensor(t.name, data, raw_dtype=dtype)
         for layer in layers:
             writer.add_tensor(f"{layer.base}.{formats.SUFFIX_V}", formats.pack_signs(layer.v), raw_dtype=formats.NQ1)

@@ -7,8 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import gguf
 import torch
 
+from .gguf_writer import FLOAT_TYPES, row_quantizer
 from .ranks import MAX_BPW
 
 MIN_WINDOW_TOKENS = 16  # a window shorter than this holds hardly a sentence: the statistics would be noise
@@ -45,6 +47,12 @@ def check_settings(settings) -> None:
             raise InputError(f"{flag}: expected a positive learning rate, got {value:g}")
     if settings.shrinkage is not None and not 0.0 <= settings.shrinkage <= 1.0:
         raise InputError(f"--shrinkage: expected a share between 0 and 1, got {settings.shrinkage:g}")
+    other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
+    if other_type not in FLOAT_TYPES:
+        try:  # a type no quantizer here can write fails now, not after the conversion
+            row_quantizer(other_type)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if settings.device == "cuda" and not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
         raise InputError(f"--device cuda: torch {torch.__version__} ({built}) sees no CUDA device; use --device cpu "
