@@ -74,6 +74,14 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
         print(f"vendor_llama_cpp: applied {patch.name}")
 
 
+def patches_fingerprint(patches: list[Path]) -> str:
+    """What a tree's stamp holds: the sdist's hash and every patch's name and bytes, in order."""
+    fingerprint = hashlib.sha256(SDIST_SHA256.encode())
+    for p in patches:
+        fingerprint.update(p.name.encode() + b"\0" + p.read_bytes())
+    return fingerprint.hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--downloads", type=Path, default=Path("downloads"))
@@ -85,22 +93,20 @@ def main() -> None:
     args = parser.parse_args()
 
     patches = sorted(args.patches.glob("[0-9][0-9][0-9][0-9]-*.patch"))
-    fingerprint = hashlib.sha256(SDIST_SHA256.encode())
-    for p in patches:
-        fingerprint.update(p.name.encode() + b"\0" + p.read_bytes())
+    fingerprint = patches_fingerprint(patches)
     stamp = args.dest / ".nanoquant-patches.sha256"
-    if stamp.exists() and stamp.read_text().strip() == fingerprint.hexdigest():
+    if stamp.exists() and stamp.read_text().strip() == fingerprint:
         stamp.touch()  # up to date: newer than the patches for make, and no sdist needed (a copied tree)
         return
     if args.offline:
         found = stamp.read_text().strip() if stamp.exists() else "no stamp"
         fail(f"{args.dest} was not made from {args.patches}/ (its {stamp.name}: {found}; these patches: "
-             f"{fingerprint.hexdigest()}); --offline makes no other tree: copy one made by `make` from these patches")
+             f"{fingerprint}); --offline makes no other tree: copy one made by `make` from these patches")
     sdist = fetch_sdist(args.downloads)
     print(f"vendor_llama_cpp: extracting llama.cpp {LLAMA_CPP_COMMIT} into {args.dest}", flush=True)
     extract_tree(sdist, args.dest)
     apply_patches(args.dest, patches)
-    stamp.write_text(fingerprint.hexdigest() + "\n")
+    stamp.write_text(fingerprint + "\n")
 
 
 if __name__ == "__main__":
