@@ -24,7 +24,6 @@ section GPU, has the two calls. --parts remakes only some of the files.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +31,9 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from vendor_llama_cpp import sha256_of  # noqa: E402  (the vendoring script's streamed file hash)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
@@ -52,14 +54,6 @@ EXCLUDE = ("models", "docs", "media", "benches", ".devops", ".github", ".gemini"
 def fail(message: str) -> None:
     print(f"gpu_carry: error: {message}", file=sys.stderr)
     sys.exit(1)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def mib(n: int) -> float:
