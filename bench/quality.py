@@ -108,8 +108,6 @@ ROWS = [
     Row("ablation 1.0: WikiText-only calibration", "nq", bpw=1.0, converter_args=("--calib-chat", "none")),
     Row("ablation 1.0: shared q/k/v V", "nq", bpw=1.0, converter_args=("--shared-v", "qkv"),
         note="q, k and v factorised as one stacked layer (one V, ranks pooled), stored as the fused attn_qkv"),
-    Row("NQ 1.0 (fast preset, shared q/k/v V)", "nq", bpw=1.0, converter_args=("--preset", "fast", "--shared-v", "qkv"),
-        note="the fast preset with --shared-v qkv: its pair is 'NQ 1.0 (fast preset)'"),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 
