@@ -1,7 +1,7 @@
 """End-to-end speed: llama-bench pp128 and tg64, NanoQuant files against llama.cpp's types, repetitions interleaved.
 
     .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
-                                     [--head q8_0]
+                                     [--head q8_0] [--out FILE.json]
 
 Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files where bench/quality.py has made them,
 else files with random signs at the same ranks (the file name says so); the llama.cpp types are made from the F32
@@ -15,7 +15,7 @@ table shows ("size ratio"). With another `--head` the SmolLM2 NQ files are rando
 results go to decode-head-<type>.json / .md. IQ1_S takes an importance matrix from llama-imatrix on the calibration
 text (2 chunks for the synthetic model).
 Each repetition runs every (file, threads) pair once with `llama-bench -r 1`, in turn; the table gives medians.
-Writes bench/results/decode.json (a list of rows) and decode.md.
+Writes bench/results/decode.json (a list of rows) and decode.md, or `--out FILE.json` and its .md.
 """
 from __future__ import annotations
 
@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--head", default=DEFAULT_HEAD, type=str.lower,
                    help="ggml type of every file's token embedding / output head (default q8_0)")
+    p.add_argument("--out", type=Path, help="results JSON (and its .md beside it); default "
+                   "bench/results/decode.json, decode-head-<type>.json with another --head")
     args = p.parse_args(argv)
     import gguf
     if args.head.upper() not in gguf.GGMLQuantizationType.__members__:
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
              "head": args.head, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
              "tokens_per_s": statistics.median(v), "samples": v, "machine": machine()}
             for (m, n, t, test), v in samples.items()]
-    out = RESULTS / f"decode{head_suffix(args.head)}.json"
+    out = args.out or RESULTS / f"decode{head_suffix(args.head)}.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows)
     out.with_suffix(".md").write_text(table)
