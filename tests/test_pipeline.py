@@ -148,7 +148,7 @@ def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
     assert torch.allclose(frozen.pre_offset.grad, pre.grad) and torch.allclose(frozen.post_offset.grad, post.grad)
 
 
-def test_rank_bound_steps_shrink_above_the_presets_bpw():
+def test_rank_bound_steps_follow_the_cost_of_the_ranks():
     """Presets are sized for 1.0 bpw; at 2.0 SmolLM2's ranks cost 1.64x per token, so ADMM and STE get 1/1.64 of
     their steps (those the user did not set), and the time stays about that of 1.0 bpw."""
     from transformers import LlamaConfig
@@ -156,7 +156,7 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
 
     from nanoquant import formats
     from nanoquant.architectures import architecture_for
-    from nanoquant.convert import build_parser, rank_scaled_settings
+    from nanoquant.convert import MAX_STEP_GROWTH, build_parser, rank_scaled_settings
     from nanoquant.settings import PRESETS, settings_from_args
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
@@ -179,7 +179,14 @@ def test_rank_bound_steps_shrink_above_the_presets_bpw():
     steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
     as_sized = steps(standard)
     assert steps(settings("--bpw", "1.0", "--preset", "standard")) == as_sized
-    assert steps(settings("--bpw", "0.55", "--preset", "standard")) == as_sized
+    low = settings("--bpw", "0.55", "--preset", "standard")  # ranks at 0.55 cost about half: up to twice the steps
+    up = sum(formats.rank_for_bpw(o, i, 1.0) * (o + i) for o, i in shapes) / \
+        sum(formats.rank_for_bpw(o, i, 0.55) * (o + i) for o, i in shapes)
+    assert 1.8 < up and steps(low) == (round(standard.admm.iterations * min(up, MAX_STEP_GROWTH)),
+                                       round(standard.tune.factor_steps * min(up, MAX_STEP_GROWTH)),
+                                       standard.distill.steps)
+    tiny = settings("--bpw", "0.1", "--preset", "standard")  # growth stops at MAX_STEP_GROWTH
+    assert steps(tiny)[:2] == (standard.admm.iterations * MAX_STEP_GROWTH, standard.tune.factor_steps * MAX_STEP_GROWTH)
     assert steps(settings("--bpw", "2.0", "--preset", "paper")) == (400, 1024, 1024)  # the paper's, as given
 
 

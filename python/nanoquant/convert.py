@@ -126,16 +126,20 @@ def load_source(model_path: Path, work_dir: Path, arch: Architecture, device: to
     return Source(model, tokenizer, model.config, arch, base, model_path, blocks)
 
 
+MAX_STEP_GROWTH = 2.0
+
+
 def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch: Architecture) -> ConvertSettings:
-    """A preset's step counts are sized for `effort_bpw`; at a higher bpw the ranks grow, and with them the cost of
-    each ADMM iteration and STE step. Those counts shrink by the ratio of the per-token cost of one block's factorised
-    layers, sum r (d_in + d_out), so that the conversion takes about the same time."""
-    if settings.effort_bpw is None or settings.bpw <= settings.effort_bpw or not settings.rank_scaled:
+    """A preset's step counts are sized for `effort_bpw`; at another bpw the ranks, and with them the cost of each ADMM
+    iteration and STE step, differ. Those counts scale by the ratio of the per-token cost of one block's factorised
+    layers, sum r (d_in + d_out), so that the conversion takes about the same time: fewer steps above `effort_bpw`,
+    more below it (at most MAX_STEP_GROWTH times as many: the rest of a step does not shrink with the rank)."""
+    if settings.effort_bpw is None or not settings.rank_scaled:
         return settings
     shapes = [unit_shape(block, unit) for unit in arch.units(settings.shared_v)]
     cost = lambda bpw: sum(formats.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
-    ratio = cost(settings.effort_bpw) / cost(settings.bpw)
-    if ratio >= 1.0:
+    ratio = min(cost(settings.effort_bpw) / cost(settings.bpw), MAX_STEP_GROWTH)
+    if ratio == 1.0:
         return settings
     scaled = lambda n: max(1, round(n * ratio)) if n > 0 else 0  # noqa: E731
     admm, tune = settings.admm, settings.tune
