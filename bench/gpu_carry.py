@@ -32,11 +32,10 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from vendor_llama_cpp import sha256_of  # noqa: E402  (the vendoring script's streamed file hash)
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "scripts"))
+from vendor_llama_cpp import sha256_of  # noqa: E402  (the vendoring script's streamed file hash)
 
 LIMIT_MIB = 64  # the device tool's limit on what one call carries, working tree included
 MARGIN_MIB = 2  # kept free in each call: files the checkout gains before the calls (results, notes)

@@ -138,7 +138,8 @@ def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch
         return settings
     shapes = [unit_shape(block, unit) for unit in arch.units(settings.shared_v)]
     cost = lambda bpw: sum(formats.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
-    ratio = min(cost(settings.effort_bpw) / cost(settings.bpw), MAX_STEP_GROWTH)
+    relative_cost = cost(settings.bpw) / cost(settings.effort_bpw)
+    ratio = min(1.0 / relative_cost, MAX_STEP_GROWTH)
     if ratio == 1.0:
         return settings
     scaled = lambda n: max(1, round(n * ratio)) if n > 0 else 0  # noqa: E731
@@ -147,7 +148,7 @@ def rank_scaled_settings(settings: ConvertSettings, block: torch.nn.Module, arch
         admm = replace(admm, iterations=scaled(admm.iterations))
     if "tune.factor_steps" in settings.rank_scaled:
         tune = replace(tune, factor_steps=scaled(tune.factor_steps))
-    print(f"effort: ranks at {settings.bpw} bpw cost {1 / ratio:.2f}x those at {settings.effort_bpw}: ADMM "
+    print(f"effort: ranks at {settings.bpw} bpw cost {relative_cost:.2f}x those at {settings.effort_bpw}: ADMM "
           f"{admm.iterations} iterations, {tune.factor_steps} STE steps ({settings.distill.steps} distillation steps)")
     return replace(settings, admm=admm, tune=tune)
 
