@@ -108,6 +108,8 @@ ROWS = [
     Row("ablation 1.0: WikiText-only calibration", "nq", bpw=1.0, converter_args=("--calib-chat", "none")),
     Row("ablation 1.0: shared q/k/v V", "nq", bpw=1.0, converter_args=("--shared-v", "qkv"),
         note="q, k and v factorised as one stacked layer (one V, ranks pooled), stored as the fused attn_qkv"),
+    Row("ablation 1.0: relative block loss", "nq", bpw=1.0, converter_args=("--block-loss", "relative"),
+        note="block reconstruction on each token's error relative to its target's mean square (--block-loss relative)"),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 

@@ -83,10 +83,11 @@ def test_every_option_sets_a_settings_field_and_the_seed_is_in_one_place():
         for preset in PRESETS.values():
             value_at(preset, option.path)  # raises if an option points nowhere
     args = build_parser().parse_args(["m.gguf", "--outfile", "o.gguf", "--preset", "standard", "--seed", "7",
-                                      "--factor-steps", "9", "--mid-scale", "on", "--calib-chat", "none"])
+                                      "--factor-steps", "9", "--mid-scale", "on", "--calib-chat", "none",
+                                      "--block-loss", "relative"])
     s = settings_from_args(args)
     standard = PRESETS["standard"]
-    assert (s.seed, s.tune.factor_steps, s.mid_scale, s.calib_chat) == (7, 9, True, "none")
+    assert (s.seed, s.tune.factor_steps, s.mid_scale, s.calib_chat, s.tune.loss) == (7, 9, True, "none", "relative")
     assert s.admm.iterations == standard.admm.iterations and s.distill == standard.distill
     assert s.rank_scaled == ("admm.iterations",)  # the user set the STE steps: not scaled
 

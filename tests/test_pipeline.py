@@ -1,10 +1,11 @@
 """The method's stages on small inputs: ADMM export keeps the scale right, and block tuning lowers the block loss."""
 import copy
 
+import pytest
 import torch
 
 from nanoquant.admm import AdmmSettings, factorize, relative_error
-from nanoquant.reconstruct import (FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
+from nanoquant.reconstruct import (BlockLoss, FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
                                    recomputed_in_backward, saved_activation_bytes, trainable_scale_offsets,
                                    logits_from_hidden, run_block_batched, tune_block)
 
@@ -47,7 +48,7 @@ def test_factor_tuning_lowers_the_block_loss():
         before = float((((run_block_batched(block, data.quantized, data.kwargs) - target) ** 2) * weights).sum(-1).mean())
     groups = [{"params": [trainable.u_latent, trainable.v_latent], "lr": 1e-3},
               {"params": [trainable.pre_offset, trainable.post_offset], "lr": 1e-2}]
-    tune_block(block, groups, data, target, weights, steps=30, seed=0, batch_windows=4)
+    tune_block(block, groups, data, target, BlockLoss(weights), steps=30, seed=0, batch_windows=4)
     with torch.no_grad():
         after = float((((run_block_batched(block, data.quantized, data.kwargs) - target) ** 2) * weights).sum(-1).mean())
     assert after < before, (before, after)
@@ -239,3 +240,16 @@ def test_auto_recompute_follows_the_measured_activations(monkeypatch, capsys):
     assert convert._distill_recompute("auto", model.model.layers, data) is True
     assert convert._distill_recompute("off", model.model.layers, data) is False
     assert "recomputed in the backward" in capsys.readouterr().out
+
+
+def test_relative_block_loss_counts_each_token_by_its_own_scale():
+    # two tokens with the same 10% error, one of them a massive activation 1000x the other's norm
+    target = torch.tensor([[[1.0, 0.0], [1000.0, 0.0]]])
+    out = target * 1.1
+    weights = torch.ones(2)
+    relative, absolute = BlockLoss(weights, relative=True), BlockLoss(weights)
+    # relative: 0.1^2 / (1/2) for each token, whatever its norm; absolute: the massive token is all of it
+    assert float(relative(out, target)) == pytest.approx(0.02)
+    assert float(absolute(out, target)) == pytest.approx((0.01 + 1e4) / 2)
+    halved = BlockLoss(torch.tensor([1.0, 0.5]), relative=True)  # the channel weights still apply
+    assert float(halved(torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]]))) == pytest.approx(1.0)

@@ -36,7 +36,7 @@ from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, StatsColl
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
 from .gguf_writer import NQLayerTensors, write_nq_gguf
 from .memory import StagePeaks, return_freed_memory_to_the_system
-from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, DistillSettings, FrozenLowRankBinary,
+from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, BlockLoss, DistillSettings, FrozenLowRankBinary,
                           TrainableLowRankBinary, TuneSettings, block_loss, capture_block_inputs, distill_scales,
                           run_block_batched, saved_activation_bytes, tune_block)
 from .settings import (CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, DEVICE_AUTO, PRESETS, ConvertSettings, add_options,
@@ -206,9 +206,9 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
         data.index = index
         target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
         sensitivity = shrink(stats[prefix + arch.sensitivity_linear].output_moment, gamma)
-        channel_weights = sensitivity / sensitivity.mean()
+        loss_fn = BlockLoss(sensitivity / sensitivity.mean(), relative=tune.loss == "relative")
         fixed = torch.linspace(0, data.fp.shape[0] - 1, min(LOG_WINDOWS, data.fp.shape[0])).round().long()
-        loss = lambda: block_loss(block, data, target, channel_weights, fixed)  # noqa: E731
+        loss = lambda: block_loss(block, data, target, loss_fn, fixed)  # noqa: E731
         clock.lap("targets")
     groups = [[unit] for unit in units] if tune.scope == "layer" else [list(units)]
     finished: dict[str, tuple[LowRankBinary, torch.Tensor | None]] = {}
@@ -218,7 +218,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
                          for member in member_names(unit)]
             for w in remaining:
                 w.requires_grad_(True)
-            tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, channel_weights,
+            tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, loss_fn,
                        tune.dense_steps, seed, tune.batch_windows)
             for w in remaining:
                 w.requires_grad_(False)
@@ -237,7 +237,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
                 install_unit(block, unit, t)
             after_admm = loss()
             clock.lap("ADMM")
-            tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, channel_weights,
+            tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, loss_fn,
                        tune.factor_steps, seed, tune.batch_windows)
             clock.lap("STE tuning")
             label = group[0] if len(group) == 1 else "all linears"

@@ -18,7 +18,7 @@ from .admm import AdmmSettings
 from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
 from .calibration import DEFAULT_CALIBRATION_TEXT
 from .ranks import ALLOCATIONS, SENSITIVITY
-from .reconstruct import RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
+from .reconstruct import BLOCK_LOSSES, RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
 
 CHAT_AUTO, CHAT_NONE = "auto", "none"
 DEVICE_AUTO = "auto"
@@ -151,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tune-scope", "tune.scope", str,
            "block: tune once per block (paper Algorithm 1); layer: per linear (reference code, 7x cost)",
            choices=("block", "layer")),
+    Option("--block-loss", "tune.loss", str,
+           "block reconstruction loss: each token's squared error as is (default), or relative to its target's "
+           "mean square (massive activations then do not dominate it)", choices=BLOCK_LOSSES),
     Option("--distill-steps", "distill.steps", int, "scale-only KL distillation steps (model reconstruction)"),
     Option("--distill-lr", "distill.lr", float, "distillation learning rate on the multiplicative scale offsets"),
     Option("--distill-recompute", "distill.recompute", str,
