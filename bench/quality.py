@@ -110,6 +110,11 @@ ROWS = [
         note="q, k and v factorised as one stacked layer (one V, ranks pooled), stored as the fused attn_qkv"),
     Row("ablation 1.0: relative block loss", "nq", bpw=1.0, converter_args=("--block-loss", "relative"),
         note="block reconstruction on each token's error relative to its target's mean square (--block-loss relative)"),
+    # the calibration draw: how far the 1.0 row moves with more windows, and with only its seed changed
+    Row("ablation 1.0: 64 calibration windows", "nq", bpw=1.0, converter_args=("--calib-windows", "64"),
+        note="64 windows of 512 tokens instead of 32 (half conversations, as in the default)"),
+    Row("ablation 1.0: seed 1", "nq", bpw=1.0, converter_args=("--seed", "1"),
+        note="the NQ 1.0 row with --seed 1: another calibration draw, ADMM start and tuning order (run-to-run spread)"),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 
