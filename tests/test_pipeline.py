@@ -6,7 +6,7 @@ import torch
 
 from nanoquant.admm import AdmmSettings, factorize, relative_error
 from nanoquant.reconstruct import (BlockLoss, FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
-                                   recomputed_in_backward, saved_activation_bytes, trainable_scale_offsets,
+                                   fixed_windows_kl, recomputed_in_backward, saved_activation_bytes, trainable_scale_offsets,
                                    logits_from_hidden, run_block_batched, tune_block)
 
 
@@ -83,8 +83,25 @@ def test_scale_distillation_lowers_the_kl():
         setattr(student.model.layers[0].self_attn, name, FrozenLowRankBinary(layer, None))
     windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
     teacher_hidden, _ = _last_block_outputs(teacher, windows)
-    losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=40, lr=1e-2))
+    result = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=40, lr=1e-2),
+                            fixed=torch.arange(2))
+    losses = result.losses
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert result.kl_after < result.kl_before and not result.reverted
+
+
+def test_distillation_that_raises_the_kl_puts_the_scales_back():
+    teacher = _tiny_llama()
+    windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
+    teacher_hidden, _ = _last_block_outputs(teacher, windows)
+    student = _student_with_factorised_attention(teacher)
+    scales = lambda: [p.detach().clone() for p in student.parameters() if p.dtype.is_floating_point]  # noqa: E731
+    before = scales()
+    result = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=3, lr=50.0),
+                            fixed=torch.arange(2))
+    assert result.kl_after > result.kl_before and result.reverted
+    assert all(torch.equal(a, b) for a, b in zip(scales(), before))
+    assert fixed_windows_kl(student, teacher_hidden, windows, torch.arange(2)) == result.kl_before
 
 
 def _student_with_factorised_attention(teacher):
@@ -104,7 +121,7 @@ def test_distillation_with_recomputed_activations_is_exact_and_keeps_less():
     runs = {}
     for recompute in (False, True):
         student = _student_with_factorised_attention(teacher)
-        losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=5, lr=1e-2), recompute)
+        losses = distill_scales(student, teacher_hidden, windows, DistillSettings(steps=5, lr=1e-2), recompute).losses
         runs[recompute] = losses, [p.detach().clone() for p in student.parameters() if p.dtype.is_floating_point]
         assert all("forward" not in vars(block) for block in student.model.layers)  # the class's forward again
     assert runs[True][0] == runs[False][0]

@@ -51,6 +51,12 @@ LLAMA_QUANTIZE = REPO_ROOT / "build" / "bin" / "llama-quantize"
 LOG_WINDOWS = 4  # the tuning log reads each block's loss on this many fixed windows, the same before and after
 
 
+def fixed_log_windows(n_windows: int) -> torch.Tensor:
+    """The windows the log reads before and after a stage: spread evenly over the calibration set (text, then
+    conversations), the same for every block and for distillation."""
+    return torch.linspace(0, n_windows - 1, min(LOG_WINDOWS, n_windows)).round().long()
+
+
 class ConversionError(RuntimeError):
     pass
 
@@ -207,7 +213,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
         target = run_block_batched(copy.deepcopy(block), data.fp, data.kwargs)
         sensitivity = shrink(stats[prefix + arch.sensitivity_linear].output_moment, gamma)
         loss_fn = BlockLoss(sensitivity / sensitivity.mean(), relative=tune.loss == "relative")
-        fixed = torch.linspace(0, data.fp.shape[0] - 1, min(LOG_WINDOWS, data.fp.shape[0])).round().long()
+        fixed = fixed_log_windows(data.fp.shape[0])
         loss = lambda: block_loss(block, data, target, loss_fn, fixed)  # noqa: E731
         clock.lap("targets")
     groups = [[unit] for unit in units] if tune.scope == "layer" else [list(units)]
@@ -408,8 +414,11 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
         clock = time.time()
         recompute = _distill_recompute(settings.distill.recompute, model.model.layers, data)
-        losses = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed)
-        print(f"scale distillation: KL {losses[0]:.4f} -> {sum(losses[-8:]) / len(losses[-8:]):.4f} "
+        fixed = fixed_log_windows(windows.shape[0])
+        result = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed, fixed)
+        print(f"scale distillation: KL on {len(fixed)} fixed windows {result.kl_before:.4f} "
+              f"-> {result.kl_after:.4f}"
+              f"{' (not lower: the scales before distillation are kept)' if result.reverted else ''}, "
               f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     tensors = [_to_file_order(arch, config, n_layers, name, unit_module(model, name).layer(),
                               unit_module(model, name).bias, unit_rows(model, name)) for name in names]

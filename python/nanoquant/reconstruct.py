@@ -166,30 +166,59 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
+@dataclass
+class DistillResult:
+    losses: list[float]       # each step's KL on its own random window (training noise: windows differ in KL)
+    kl_before: float = 0.0    # mean KL on the same fixed windows before and after the steps
+    kl_after: float = 0.0
+    reverted: bool = False    # the steps raised the fixed windows' KL, so the scales went back to where they were
+
+
+def _forward_kl(student, teacher_hidden: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at T = 1 on one window, averaged over its tokens."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits_from_hidden(student, teacher_hidden).float(), -1)
+    log_q = torch.log_softmax(student(input_ids=window[None], use_cache=False).logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def fixed_windows_kl(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, fixed: torch.Tensor) -> float:
+    with torch.no_grad():
+        return sum(float(_forward_kl(student, teacher_hidden[i:i + 1], windows[i])) for i in fixed.tolist()) / len(fixed)
+
+
 def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, settings: DistillSettings,
-                   recompute: bool = False, seed: int = 0) -> list[float]:
+                   recompute: bool = False, seed: int = 0, fixed: torch.Tensor | None = None) -> DistillResult:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
     T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
     block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held.
-    recompute: see recomputed_in_backward."""
+    recompute: see recomputed_in_backward. fixed: window indices whose KL is read before and after; where the steps
+    did not lower it, the scales are put back (one unlucky run must not leave the model worse than it found it)."""
     if settings.steps <= 0:
-        return []
+        return DistillResult([])
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    result = DistillResult([])
     with trainable_scale_offsets(student) as offsets, recomputed_in_backward(student.model.layers if recompute else []):
+        if fixed is not None:
+            result.kl_before = fixed_windows_kl(student, teacher_hidden, windows, fixed)
+            start = [p.detach().clone() for p in offsets]
         opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
         for step in range(settings.steps):
             opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
             i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
-            with torch.no_grad():
-                p_teacher = torch.log_softmax(logits_from_hidden(student, teacher_hidden[i:i + 1]).float(), -1)
-            log_q = torch.log_softmax(student(input_ids=windows[i][None], use_cache=False).logits.float(), -1)
-            loss = (p_teacher.exp() * (p_teacher - log_q)).sum(-1).mean()
+            loss = _forward_kl(student, teacher_hidden[i:i + 1], windows[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
-    return losses
+            result.losses.append(float(loss.detach()))
+        if fixed is not None:
+            result.kl_after = fixed_windows_kl(student, teacher_hidden, windows, fixed)
+            if result.kl_after >= result.kl_before:
+                with torch.no_grad():
+                    for p, value in zip(offsets, start):
+                        p.copy_(value)
+                result.reverted = True
+    return result
 
 
 @contextmanager
