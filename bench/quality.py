@@ -115,6 +115,9 @@ ROWS = [
         note="64 windows of 512 tokens instead of 32 (half conversations, as in the default)"),
     Row("ablation 1.0: seed 1", "nq", bpw=1.0, converter_args=("--seed", "1"),
         note="the NQ 1.0 row with --seed 1: another calibration draw, ADMM start and tuning order (run-to-run spread)"),
+    Row("ablation 1.0: 64 calibration windows, seed 1", "nq", bpw=1.0,
+        converter_args=("--calib-windows", "64", "--seed", "1"),
+        note="both of the rows above at once: whether more windows hold up on another draw"),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 
