@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -168,7 +168,8 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DistillResult:
-    losses: list[float]       # each step's KL on its own random window (training noise: windows differ in KL)
+    # each step's KL on its own random window (training noise: windows differ in KL)
+    losses: list[float] = field(default_factory=list)
     kl_before: float = 0.0    # mean KL on the same fixed windows before and after the steps
     kl_after: float = 0.0
     reverted: bool = False    # the steps raised the fixed windows' KL, so the scales went back to where they were
@@ -195,9 +196,9 @@ def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
     recompute: see recomputed_in_backward. fixed: window indices whose KL is read before and after; where the steps
     did not lower it, the scales are put back (one unlucky run must not leave the model worse than it found it)."""
     if settings.steps <= 0:
-        return DistillResult([])
+        return DistillResult()
     gen = torch.Generator().manual_seed(seed)
-    result = DistillResult([])
+    result = DistillResult()
     with trainable_scale_offsets(student) as offsets, recomputed_in_backward(student.model.layers if recompute else []):
         if fixed is not None:
             result.kl_before = fixed_windows_kl(student, teacher_hidden, windows, fixed)
