@@ -115,6 +115,27 @@ def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
     assert default.protocol != other.protocol
 
 
+def test_rows_made_with_other_settings_than_their_command_gives_now_are_named(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality
+    from nanoquant.convert import settings_record
+    from nanoquant.settings import PRESETS
+
+    row = quality.Row("ablation 1.0: seed 1", "nq", bpw=1.0, converter_args=("--seed", "1"))
+    standard = PRESETS["standard"]
+    made = json.loads(settings_record(standard))
+    made["seed"] = 1
+    assert quality.settings_drift(row, "standard", made) == []
+    older = dict(made, calib_windows=standard.calib_windows // 2, admm=dict(made["admm"], iterations=7))
+    del older["shared_v"], older["tune"]["loss"]  # settings added later: their absence meant today's defaults
+    del older["mid_scale"]  # one whose absence means nothing known
+    # ADMM iterations follow the ranks (rank-scaled), so a file's count says nothing about its command
+    assert quality.settings_drift(row, "standard", older) == [
+        f"calib_windows {standard.calib_windows // 2} (now {standard.calib_windows})",
+        f"mid_scale not recorded (now {standard.mid_scale})"]
+    assert quality.settings_drift(quality.Row("Q4_0", "llama", "Q4_0"), "standard", None) == []
+
+
 def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
     sys.path.insert(0, str(REPO / "bench"))
     import decode
