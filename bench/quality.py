@@ -128,6 +128,10 @@ ROWS = [
     Row("ablation 1.0: 32 calibration windows, seed 1", "nq", bpw=1.0,
         converter_args=("--calib-windows", "32", "--seed", "1"),
         note="both of the rows above at once: how far a 32-window draw moves with the seed"),
+    Row("ablation 0.55: 32 calibration windows", "nq", bpw=0.55, converter_args=("--calib-windows", "32"),
+        note="the NQ 0.55 row with 32 windows of 512 tokens instead of 64"),
+    Row("ablation 0.55: seed 1", "nq", bpw=0.55, converter_args=("--seed", "1"),
+        note="the NQ 0.55 row with --seed 1 (run-to-run spread at 0.55)"),
 ]
 ROW_NAMES = {row.method: row for row in ROWS}
 
