@@ -1,5 +1,6 @@
 """The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline,
 the chat metric."""
+import copy
 import importlib.util
 import json
 import math
@@ -115,7 +116,7 @@ def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
     assert default.protocol != other.protocol
 
 
-def test_rows_made_with_other_settings_than_their_command_gives_now_are_named(tmp_path):
+def test_rows_made_with_other_settings_than_their_command_gives_now_are_named():
     sys.path.insert(0, str(REPO / "bench"))
     import quality
     from nanoquant.convert import settings_record
@@ -126,7 +127,9 @@ def test_rows_made_with_other_settings_than_their_command_gives_now_are_named(tm
     made = json.loads(settings_record(standard))
     made["seed"] = 1
     assert quality.settings_drift(row, "standard", made) == []
-    older = dict(made, calib_windows=standard.calib_windows // 2, admm=dict(made["admm"], iterations=7))
+    older = copy.deepcopy(made)  # the nested records too: the edits below must not reach `made`
+    older.update(calib_windows=standard.calib_windows // 2)
+    older["admm"]["iterations"] = 7
     del older["shared_v"], older["tune"]["loss"]  # settings added later: their absence meant today's defaults
     del older["mid_scale"]  # one whose absence means nothing known
     # ADMM iterations follow the ranks (rank-scaled), so a file's count says nothing about its command
