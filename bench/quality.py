@@ -109,6 +109,10 @@ ROWS = [
     Row("ablation 1.0: init + block reconstruction", "nq", bpw=1.0, converter_args=("--distill-steps", "0")),
     Row("ablation 1.0: uniform ranks", "nq", bpw=1.0, converter_args=("--rank-allocation", "uniform")),
     Row("ablation 0.55: uniform ranks", "nq", bpw=0.55, converter_args=("--rank-allocation", "uniform")),
+    Row("ablation 1.0: unbounded sensitivity ranks", "nq", bpw=1.0, converter_args=("--rank-spread", "0"),
+        note="sensitivity ranks without the spread bound (--rank-spread 0): any layer from rank 32 up"),
+    Row("ablation 0.55: unbounded sensitivity ranks", "nq", bpw=0.55, converter_args=("--rank-spread", "0"),
+        note="sensitivity ranks without the spread bound (--rank-spread 0): any layer from rank 32 up"),
     Row("ablation 1.0: WikiText-only calibration", "nq", bpw=1.0, converter_args=("--calib-chat", "none")),
     # these two were measured when the standard preset had 32 windows: they keep 32 and compare with the row
     # "ablation 1.0: 32 calibration windows"
@@ -468,7 +472,10 @@ def flat_record(record: dict, prefix: str = "") -> dict:
 
 
 # what a settings record made before a setting existed meant by leaving it out: the behaviour of that time
-UNRECORDED_MEANT = {"calib_chat": "none", "rank_allocation": "uniform", "shared_v": "none", "tune.loss": "absolute"}
+UNRECORDED_MEANT = {"calib_chat": "none", "rank_allocation": "uniform", "rank_spread": 0, "shared_v": "none",
+                    "tune.loss": "absolute"}
+# settings that only act together with another's value (setting: (other, value))
+ACTS_ONLY_WITH = {"rank_spread": ("rank_allocation", "sensitivity")}
 
 
 def settings_drift(row: Row, preset: str, made: dict | None) -> list[str]:
@@ -482,7 +489,8 @@ def settings_drift(row: Row, preset: str, made: dict | None) -> list[str]:
                                       *row.converter_args])
     now = settings_from_args(args)
     today, then = flat_record(json.loads(settings_record(now))), UNRECORDED_MEANT | flat_record(made)
-    skip = {*now.rank_scaled, "rank_scaled"}
+    skip = {*now.rank_scaled, "rank_scaled"} | {key for key, (other, value) in ACTS_ONLY_WITH.items()
+                                                 if today[other] != value}
     return [f"{key} {then.get(key, 'not recorded')} (now {value})" for key, value in today.items()
             if key not in skip and (key not in then or then[key] != value)]
 

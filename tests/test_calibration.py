@@ -71,7 +71,7 @@ def test_bad_conversation_files_name_the_line(tmp_path):
     assert len(read_instructions(DEFAULT_CHAT_INSTRUCTIONS)) >= 300
 
 
-def test_every_option_sets_a_settings_field_and_the_seed_is_in_one_place():
+def test_every_option_sets_a_settings_field_and_the_seed_is_in_one_place(capsys):
     from nanoquant.admm import AdmmSettings
     from nanoquant.convert import build_parser
     from nanoquant.reconstruct import DistillSettings, TuneSettings
@@ -84,12 +84,16 @@ def test_every_option_sets_a_settings_field_and_the_seed_is_in_one_place():
             value_at(preset, option.path)  # raises if an option points nowhere
     args = build_parser().parse_args(["m.gguf", "--outfile", "o.gguf", "--preset", "standard", "--seed", "7",
                                       "--factor-steps", "9", "--mid-scale", "on", "--calib-chat", "none",
-                                      "--block-loss", "relative"])
+                                      "--block-loss", "relative", "--rank-spread", "0"])
     s = settings_from_args(args)
     standard = PRESETS["standard"]
-    assert (s.seed, s.tune.factor_steps, s.mid_scale, s.calib_chat, s.tune.loss) == (7, 9, True, "none", "relative")
+    assert (s.seed, s.tune.factor_steps, s.mid_scale, s.calib_chat, s.tune.loss, s.rank_spread) == \
+        (7, 9, True, "none", "relative", 0)
     assert s.admm.iterations == standard.admm.iterations and s.distill == standard.distill
     assert s.rank_scaled == ("admm.iterations",)  # the user set the STE steps: not scaled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m.gguf", "--outfile", "o.gguf", "--rank-spread", "0.5"])
+    assert "--rank-spread: expected 0 (unbounded) or a factor >= 1" in capsys.readouterr().err
 
 
 def test_conversion_calibrates_on_teacher_answers_with_bos_and_logs_fixed_window_losses(tmp_path, smol_tokenizer):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanoquant import formats
-from nanoquant.ranks import LayerShape, error_curve, realized_bpw, sensitivity_ranks, uniform_ranks
+from nanoquant.ranks import LayerShape, error_curve, realized_bpw, sensitivity_ranks, spread_bounds, uniform_ranks
 
 SMOL_BLOCK = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
               "up": (1536, 576), "down": (576, 1536)}
@@ -69,3 +69,29 @@ def test_error_curve_is_the_tail_energy_at_the_effective_rank():
     assert err(round(2 / EFFECTIVE_RANK_SHARE)) == pytest.approx(5.0)  # sigma_3^2 + sigma_4^2
     assert err(1000) == 0.0
     assert all(err(r) >= err(r + 32) for r in range(0, 200, 32))
+
+
+def _steep_and_flat_curves(layers):
+    """Block 0's layers matter 10^4 x more than the rest: unbounded, they take nearly all the bits."""
+    return {layer.name: error_curve(torch.arange(1, min(layer.d_out, layer.d_in) + 1, dtype=torch.float64) ** -0.7
+                                    * (100.0 if layer.name.startswith("0.") else 1.0)) for layer in layers}
+
+
+@pytest.mark.parametrize("bpw", [0.55, 1.0, 2.0])
+def test_the_spread_keeps_every_rank_near_its_uniform_rank_and_spends_the_budget(bpw):
+    layers = smol_layers(6)
+    curves = _steep_and_flat_curves(layers)
+    uniform = uniform_ranks(layers, bpw)
+    unbounded = sensitivity_ranks(layers, bpw, curves, spread=0)
+    assert any(unbounded[n] < uniform[n] / 2 or unbounded[n] > 2 * uniform[n] for n in uniform)  # the test can fail
+    ranks = sensitivity_ranks(layers, bpw, curves, spread=2)
+    assert 0.995 * bpw <= realized_bpw(layers, ranks) <= bpw
+    for name, rank in ranks.items():
+        low, high = spread_bounds(uniform[name], 2)
+        assert low <= rank <= high and low >= uniform[name] / 2 - 32 and high < 2 * uniform[name] + 32, (name, rank)
+    assert ranks["0.q"] > uniform["0.q"] and ranks["3.gate"] < uniform["3.gate"]  # still moved by the error
+
+
+def test_a_spread_below_one_is_refused():
+    with pytest.raises(ValueError, match="rank spread 0.5"):
+        sensitivity_ranks(smol_layers(1), 1.0, _steep_and_flat_curves(smol_layers(1)), spread=0.5)

@@ -344,7 +344,7 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
                 weighted = pre_out[:, None] * weight * pre_in[None, :]
                 curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted).cpu())
             source.blocks.release(model, i)
-        ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves)
+        ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves, settings.rank_spread)
     by_type: dict[str, list[int]] = {}
     for name, rank in ranks.items():
         by_type.setdefault(name.split(".", 3)[3], []).append(rank)

@@ -43,6 +43,8 @@ class ConvertSettings:
     # how the bits are shared among the layers (ranks.py). sensitivity won on SmolLM2 at 1.0 bpw, fast preset with
     # ADMM 40 / distill 40: 40-chunk PPL 179.7 against uniform's 210.5 at the same 0.9999 bpw
     rank_allocation: str = SENSITIVITY
+    # sensitivity ranks stay within this factor of the uniform rank (0: unbounded); why in ranks.py
+    rank_spread: float = 2.0
     mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
     shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
     other_type: str = "Q8_0"
@@ -115,6 +117,13 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
+def _spread(text: str) -> float:
+    value = float(text)
+    if value != 0 and not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 (unbounded) or a factor >= 1, got '{text}'")
+    return value
+
+
 def _ggml_type(text: str) -> str:
     if text.upper() not in gguf.GGMLQuantizationType.__members__:
         raise argparse.ArgumentTypeError(f"unknown ggml type '{text}'")
@@ -165,6 +174,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--rank-allocation", "rank_allocation", str,
            "uniform: the method's rank rule per shape; sensitivity: ranks where they lower the loss most (both at the "
            "same total bits)", choices=ALLOCATIONS),
+    Option("--rank-spread", "rank_spread", _spread,
+           "sensitivity allocation: each layer's rank within this factor of its uniform rank (0: unbounded)"),
     Option("--mid-scale", "mid_scale", _on_off,
            "a per-rank scale s_mid in every layer (32 bits a rank, within the same bit budget)", metavar="on|off"),
     Option("--shared-v", "shared_v", str,
