@@ -474,7 +474,8 @@ def flat_record(record: dict, prefix: str = "") -> dict:
 # what a settings record made before a setting existed meant by leaving it out: the behaviour of that time
 UNRECORDED_MEANT = {"calib_chat": "none", "rank_allocation": "uniform", "rank_spread": 0, "shared_v": "none",
                     "tune.loss": "absolute"}
-# settings that only act together with another's value (setting: (other, value))
+# settings that only act together with another's value (setting: (other, value)); where either side lacks it,
+# the other setting's line says the difference
 ACTS_ONLY_WITH = {"rank_spread": ("rank_allocation", "sensitivity")}
 
 
@@ -490,7 +491,7 @@ def settings_drift(row: Row, preset: str, made: dict | None) -> list[str]:
     now = settings_from_args(args)
     today, then = flat_record(json.loads(settings_record(now))), UNRECORDED_MEANT | flat_record(made)
     skip = {*now.rank_scaled, "rank_scaled"} | {key for key, (other, value) in ACTS_ONLY_WITH.items()
-                                                 if today[other] != value}
+                                                 if today[other] != value or then.get(other) != value}
     return [f"{key} {then.get(key, 'not recorded')} (now {value})" for key, value in today.items()
             if key not in skip and (key not in then or then[key] != value)]
 

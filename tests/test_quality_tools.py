@@ -137,6 +137,12 @@ def test_rows_made_with_other_settings_than_their_command_gives_now_are_named():
         f"calib_windows {standard.calib_windows // 2} (now {standard.calib_windows})",
         f"mid_scale not recorded (now {standard.mid_scale})"]
     assert quality.settings_drift(quality.Row("Q4_0", "llama", "Q4_0"), "standard", None) == []
+    # the spread bound came later: a sensitivity file without it was unbounded; a uniform one names only the allocation
+    unbounded = copy.deepcopy(made)
+    del unbounded["rank_spread"]
+    assert quality.settings_drift(row, "standard", unbounded) == [f"rank_spread 0 (now {standard.rank_spread})"]
+    unbounded["rank_allocation"] = "uniform"
+    assert quality.settings_drift(row, "standard", unbounded) == ["rank_allocation uniform (now sensitivity)"]
 
 
 def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
