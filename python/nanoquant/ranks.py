@@ -114,12 +114,19 @@ def error_curve(singular_values: torch.Tensor):
     return err
 
 
+SPREAD_EXPECTED = "expected 0 (unbounded) or a factor >= 1"
+
+
+def valid_spread(spread: float) -> bool:
+    return spread == 0 or spread >= 1
+
+
 def spread_bounds(uniform_rank: int, spread: float) -> tuple[int, int]:
     """The ranks a layer may take: within a factor `spread` of its uniform rank, in steps of 32 (0: any)."""
+    if not valid_spread(spread):
+        raise ValueError(f"rank spread {spread}: {SPREAD_EXPECTED}")
     if spread == 0:
         return formats.RANK_MULTIPLE, 1 << 30
-    if not spread >= 1:
-        raise ValueError(f"rank spread {spread}: expected 0 (unbounded) or a factor >= 1")
     step = formats.RANK_MULTIPLE
     return max(step, int(uniform_rank / spread) // step * step), -(-int(uniform_rank * spread) // step) * step
 

@@ -17,7 +17,7 @@ import torch
 from .admm import AdmmSettings
 from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
 from .calibration import DEFAULT_CALIBRATION_TEXT
-from .ranks import ALLOCATIONS, SENSITIVITY
+from .ranks import ALLOCATIONS, SENSITIVITY, SPREAD_EXPECTED, valid_spread
 from .reconstruct import BLOCK_LOSSES, RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
 
 CHAT_AUTO, CHAT_NONE = "auto", "none"
@@ -121,8 +121,8 @@ def _on_off(text: str) -> bool:
 
 def _spread(text: str) -> float:
     value = float(text)
-    if value != 0 and not value >= 1:
-        raise argparse.ArgumentTypeError(f"expected 0 (unbounded) or a factor >= 1, got '{text}'")
+    if not valid_spread(value):
+        raise argparse.ArgumentTypeError(f"{SPREAD_EXPECTED}, got '{text}'")
     return value
 
 
