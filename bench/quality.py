@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "python"))
 from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS  # noqa: E402
 from nanoquant.convert import build_parser, settings_record  # noqa: E402
 from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe  # noqa: E402
-from nanoquant.settings import PRESETS, settings_from_args  # noqa: E402
+from nanoquant.settings import settings_from_args  # noqa: E402
 
 BIN = REPO / "build" / "bin"
 TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -92,10 +92,6 @@ ROWS = [
     Row("IQ1_S", "llama", "IQ1_S", imatrix=True),
     Row("TQ1_0", "llama", "TQ1_0"),
     Row("NQ 2.0", "nq", bpw=2.0),
-    Row("NQ 2.0 (1.0-bpw step counts)", "nq", bpw=2.0,
-        converter_args=("--admm-iterations", str(PRESETS["standard"].admm.iterations),
-                        "--factor-steps", str(PRESETS["standard"].tune.factor_steps)),
-        note="ADMM iterations and STE steps as at 1.0 bpw, not scaled down for the larger ranks"),
     Row("NQ 1.5", "nq", bpw=1.5),
     Row("NQ 1.0", "nq", bpw=1.0),
     Row("NQ 0.8", "nq", bpw=0.8),
