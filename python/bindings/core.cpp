@@ -44,19 +44,27 @@ static ggml_type checked_type(int type_id) {
     return (ggml_type) type_id;
 }
 
-// rows of float -> rows of `type` blocks, with ggml's own quantizer
-static u8_array quantize_rows(const f32_array & x, int type_id) {
+// rows of float -> rows of `type` blocks, with ggml's own quantizer; `imatrix` (one importance per column, llama.cpp's
+// imatrix: the mean square of the layer's inputs) weights each column's error, and the I-quants that need it get it
+static u8_array quantize_rows(const f32_array & x, int type_id, std::optional<f32_array> imatrix) {
     require_2d(x, "x");
     const ggml_type type = checked_type(type_id);
     const int64_t rows = x.shape(0), cols = x.shape(1);
     require(cols % ggml_blck_size(type) == 0, std::string("x: row length ") + std::to_string(cols) +
             " is not a multiple of the " + ggml_type_name(type) + " block size " + std::to_string(ggml_blck_size(type)));
-    require(!ggml_quantize_requires_imatrix(type),
-            std::string(ggml_type_name(type)) + " needs an importance matrix; choose another type");
+    const float * weights = nullptr;
+    if (imatrix) {
+        require(imatrix->ndim() == 1 && imatrix->shape(0) == cols,
+                "imatrix: expected one value per column (" + std::to_string(cols) + "), got shape " +
+                (imatrix->ndim() == 1 ? std::to_string(imatrix->shape(0)) : std::to_string(imatrix->ndim()) + " dims"));
+        weights = imatrix->data();
+    }
+    require(weights != nullptr || !ggml_quantize_requires_imatrix(type),
+            std::string(ggml_type_name(type)) + " needs an importance matrix; give one or choose another type");
     const size_t row_size = ggml_row_size(type, cols);
     u8_array out({(py::ssize_t) rows, (py::ssize_t) row_size});
     ggml_quantize_init(type);
-    ggml_quantize_chunk(type, x.data(), out.mutable_data(), 0, rows, cols, nullptr);
+    ggml_quantize_chunk(type, x.data(), out.mutable_data(), 0, rows, cols, weights);
     return out;
 }
 
@@ -164,8 +172,8 @@ PYBIND11_MODULE(_core, m) {
     m.attr("Q8_0_TYPE_ID") = (int) GGML_TYPE_Q8_0;
     m.def("type_name", [](int type_id) { return std::string(ggml_type_name(checked_type(type_id))); },
           "ggml's name for a type id");
-    m.def("quantize_rows", &quantize_rows, py::arg("x"), py::arg("type_id"),
-          "float32 rows -> packed rows of a ggml type, by ggml's reference quantizer");
+    m.def("quantize_rows", &quantize_rows, py::arg("x"), py::arg("type_id"), py::arg("imatrix") = py::none(),
+          "float32 rows -> packed rows of a ggml type, by ggml's quantizer (with an importance per column if given)");
     m.def("dequantize_rows", &dequantize_rows, py::arg("data"), py::arg("type_id"), py::arg("cols"),
           "packed rows of a ggml type -> float32 rows, by ggml's dequantizer");
     m.def("vec_dot_nq1_q8_0", &vec_dot_nq1_q8_0, py::arg("signs"), py::arg("activations"), py::arg("n"),

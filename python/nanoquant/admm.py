@@ -10,11 +10,36 @@ from dataclasses import dataclass
 import torch
 
 
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MATMUL_AUTO = "auto"
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that multiply bfloat16 natively
+
+
+def resolve_matmul(setting: str, device: torch.device) -> str:
+    """The ADMM products' dtype for a --admm-matmul setting: auto is bfloat16 on a GPU that has it and on a CPU that
+    multiplies it natively (there it takes 0.4 of float32's time on ADMM's products; emulated it would be slower)."""
+    if setting != MATMUL_AUTO:
+        return setting
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
+
+
 @dataclass(frozen=True)
 class AdmmSettings:
     iterations: int = 400
     power_iterations: int = 5
     ridge: float = 0.03
+    # the dtype of the iteration's large products (the target against a factor's proxy, the proxies' Grams, the
+    # ridge solutions): bfloat16 takes 0.4 of their time where the CPU multiplies it natively (AVX512-BF16, AMX)
+    # and on a GPU; every product accumulates in float32 and the iterates stay float32. On Qwen2.5-Coder-1.5B's
+    # layers at 1.0 bpw, 40 iterations, the D-weighted error was the same to 4 digits (ffn_down 0.58028 in float32,
+    # 0.58030 in bfloat16; attn_q 0.44649, 0.44641). "auto": resolve_matmul
+    matmul: str = "float32"
 
 
 @dataclass
@@ -89,14 +114,14 @@ def svid(m: torch.Tensor, power_iterations: int, gen: torch.Generator) -> torch.
     return sign(m) * (sigma * torch.outer(u, v))
 
 
-def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, shift: float) -> torch.Tensor:
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, shift: float, mm=torch.matmul) -> torch.Tensor:
     """(gram + shift I)^-1 rhs by Cholesky, with a general solve as fallback. The inverse from the Cholesky factor
     times rhs (one matrix product) takes half the time of cholesky_solve's two triangular solves on ADMM's shapes
     (r x r against r x 1536 on 2 cores: 4.2 vs 9.6 ms) at the same accuracy for these well-conditioned systems."""
     a = 0.5 * (gram + gram.T) + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_inverse(chol) @ rhs
+        return mm(torch.cholesky_inverse(chol), rhs)
     return torch.linalg.solve(a, rhs)
 
 
@@ -110,6 +135,12 @@ def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.
         w, d_in, d_out = w.T, d_out, d_in
     target = d_out[:, None] * w * d_in[None, :]
     m, n = target.shape
+    low = MATMUL_DTYPES[settings.matmul]
+    mm = (lambda x, y: x @ y) if low == torch.float32 else (lambda x, y: (x.to(low) @ y.to(low)).float())  # noqa: E731
+    if low == torch.float32:
+        target_low, target_t = target, target.T
+    else:  # both orientations once, in the products' dtype
+        target_low, target_t = target.to(low), target.T.contiguous().to(low)
     gen = torch.Generator().manual_seed(seed)  # on the CPU: a seed starts the same factors on every device
     a = torch.randn(m, rank, generator=gen).to(w.device)
     b = torch.randn(rank, n, generator=gen).to(w.device)
@@ -119,8 +150,8 @@ def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.
         rho = k / settings.iterations
         b_bar = zb / zb.norm(dim=1, keepdim=True).clamp_min(1e-30)   # unit-norm proxies of the other factor
         a_bar = za / za.norm(dim=0, keepdim=True).clamp_min(1e-30)
-        a = _ridge_solve(b_bar @ b_bar.T, b_bar @ target.T + rho * (za - la).T, rho + settings.ridge).T
-        b = _ridge_solve(a_bar.T @ a_bar, a_bar.T @ target + rho * (zb - lb), rho + settings.ridge)
+        a = _ridge_solve(mm(b_bar, b_bar.T), mm(b_bar, target_t) + rho * (za - la).T, rho + settings.ridge, mm).T
+        b = _ridge_solve(mm(a_bar.T, a_bar), mm(a_bar.T, target_low) + rho * (zb - lb), rho + settings.ridge, mm)
         za = svid(a + la, settings.power_iterations, gen)
         zb = svid(b + lb, settings.power_iterations, gen)
         la = la + a - za

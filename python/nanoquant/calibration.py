@@ -194,6 +194,11 @@ class LinearStats:
         return d_in, d_out
 
 
+# the output head's statistics are kept beside the decoder linears': its input moments are the importance matrix
+# (llama.cpp's imatrix: E[x_j^2] per input column) with which the head is quantised to a K- or I-quant
+HEAD = "lm_head"
+
+
 @dataclass
 class StatsCollector:
     names: list[str]
@@ -220,11 +225,19 @@ class StatsCollector:
                 with torch.no_grad():
                     x = torch.cat([run_block(block, x[w:w + 1], data.layer_kwargs[i]) for w in range(x.shape[0])])
         grads = []
-        for w in range(x.shape[0]):  # the loss model(input_ids, labels=input_ids) computes, per window
-            h = x[w:w + 1].clone().requires_grad_(True)
-            logits = logits_from_hidden(model, h).float()
-            torch.nn.functional.cross_entropy(logits[0, :-1], windows[w, 1:]).backward()
-            grads.append(h.grad)
+        self.inputs[HEAD], self.grads[HEAD] = RobustSecondMoment(), RobustSecondMoment()
+        head = model.lm_head
+        hooks = [head.register_forward_hook(lambda m, args, out: self.inputs[HEAD].update(args[0])),
+                 head.register_full_backward_hook(lambda m, gin, gout: self.grads[HEAD].update(gout[0] * GRAD_SCALE))]
+        try:
+            for w in range(x.shape[0]):  # the loss model(input_ids, labels=input_ids) computes, per window
+                h = x[w:w + 1].clone().requires_grad_(True)
+                logits = logits_from_hidden(model, h).float()
+                torch.nn.functional.cross_entropy(logits[0, :-1], windows[w, 1:]).backward()
+                grads.append(h.grad)
+        finally:
+            for hook in hooks:
+                hook.remove()
         g = torch.cat(grads)
         for i in tqdm(reversed(range(n_layers)), desc="statistics backward", unit="block", total=n_layers):
             x_in = torch.load(boundary(i))
@@ -236,7 +249,7 @@ class StatsCollector:
                     g_in.append(xi.grad)
                 g = torch.cat(g_in)
             boundary(i).unlink()
-        return {n: LinearStats(self.inputs[n].value(), self.grads[n].value() / GRAD_SCALE) for n in self.names}
+        return {n: LinearStats(self.inputs[n].value(), self.grads[n].value() / GRAD_SCALE) for n in [*self.names, HEAD]}
 
     @contextmanager
     def _hooks(self, model, blocks, index: int, direction: str):

@@ -3,7 +3,8 @@ continues with `--resume` and writes the same bytes.
 
 Layout: manifest.json (what is being converted, with which settings), chat.jsonl (the calibration conversations
 the teacher answered), stats.pt, ranks.json, block-NNNN.pt (the factorised layers of one finished block, signs packed),
-stream.pt (the block-boundary activations after the last finished block).
+stream.pt (the block-boundary activations after the last finished block), final.pt (the file's NanoQuant tensors after
+model reconstruction, so that a kept folder writes the file again without computing).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ def _pack(signs: torch.Tensor) -> dict:
 def _host(t: torch.Tensor | None) -> torch.Tensor | None:
     """A checkpoint holds host tensors, so a conversion computed on a GPU resumes anywhere."""
     return None if t is None else t.cpu()
+
+
+def _pack_np(signs: np.ndarray) -> dict:
+    return {"bits": formats.pack_signs(signs), "cols": signs.shape[1]}
 
 
 def _unpack(packed: dict) -> torch.Tensor:
@@ -132,6 +137,24 @@ class WorkFolder:
 
     def load_stream(self) -> dict:
         return torch.load(self.path / "stream.pt", weights_only=False)
+
+    def save_final(self, tensors: list, reports: list, key: dict) -> None:
+        """The file's NanoQuant tensors after model reconstruction, under the settings that made them (`key`): a
+        kept work folder writes the file again, with other tensor types, without running anything."""
+        packed = [{**vars(t), "u": _pack_np(t.u), "v": _pack_np(t.v)} for t in tensors]
+        _atomic_save({"key": key, "tensors": packed, "reports": reports}, self.path / "final.pt")
+
+    def load_final(self, key: dict, make) -> tuple[list, list] | None:
+        """(tensors, reports) saved by save_final under the same key, each tensor rebuilt by make(**fields)."""
+        path = self.path / "final.pt"
+        if not path.is_file():
+            return None
+        payload = torch.load(path, weights_only=False)
+        if payload["key"] != key:
+            return None
+        tensors = [make(**{**t, "u": formats.unpack_signs(t["u"]["bits"], t["u"]["cols"]),
+                           "v": formats.unpack_signs(t["v"]["bits"], t["v"]["cols"])}) for t in payload["tensors"]]
+        return tensors, payload["reports"]
 
 
 def file_identity(path: Path) -> dict:

@@ -27,20 +27,20 @@ from tqdm import tqdm
 
 from . import formats, preflight
 from . import ranks as ranks_module
-from .admm import LowRankBinary, factorize, relative_error
+from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
                             gguf_row_permutation)
-from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, StatsCollector, chat_windows,
+from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, HEAD, CalibrationError, StatsCollector, chat_windows,
                           read_conversations, read_instructions, shrink, teacher_conversations, text_windows,
                           window_bos)
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
-from .gguf_writer import NQLayerTensors, write_nq_gguf
+from .gguf_writer import NQLayerTensors, TensorTypes, write_nq_gguf
 from .memory import StagePeaks, return_freed_memory_to_the_system
 from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, BlockLoss, DistillSettings, FrozenLowRankBinary,
                           TrainableLowRankBinary, TuneSettings, block_loss, capture_block_inputs, distill_scales,
                           run_block_batched, saved_activation_bytes, tune_block)
-from .settings import (CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, DEVICE_AUTO, PRESETS, ConvertSettings, add_options,
-                       settings_from_args, torch_device)
+from .settings import (CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, DEVICE_AUTO, PRESETS, WRITE_ONLY, ConvertSettings,
+                       add_options, resolved, settings_from_args, torch_device)
 from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton, place_skeleton
 from .units import (install_unit, member_names, unit_bias, unit_module, unit_preconditioners, unit_rows, unit_shape,
                     unit_weight)
@@ -358,7 +358,8 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
 
 def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
                    peaks: StagePeaks) -> tuple[list[NQLayerTensors], list[LayerReport], ConvertSettings]:
-    """The file's tensors, a report per layer, and the settings as run (step counts after rank scaling)."""
+    """The file's tensors, a report per layer, the settings as run (step counts after rank scaling) and the output
+    head's importance per input column (None for statistics made before they kept it)."""
     model, config, arch = source.model, source.config, source.arch
     model.requires_grad_(False)
     settings = rank_scaled_settings(settings, model.model.layers[0], arch)
@@ -383,6 +384,13 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         ranks = allocate_ranks(model, source, stats, names, settings)
         work.save_ranks(ranks)
         print(f"rank allocation: {time.time() - clock:.0f} s, {peaks.end_stage()}")
+    head = stats.get(HEAD)
+    head_imatrix = None if head is None else head.input_moment.cpu().numpy()
+    final_key = as_jsonable(asdict(replace(settings.distill, recompute="")))
+    final = work.load_final(final_key, NQLayerTensors)
+    if final is not None:
+        print(f"the layers after model reconstruction are checkpointed in {work.path}: writing the file")
+        return *final, settings, head_imatrix
     # the streams are needed by block tuning, and by distillation (the teacher's logits come from the FP stream)
     data = capture_block_inputs(model, windows) if settings.tune.enabled or settings.distill.steps > 0 else None
     first = work.finished_blocks()
@@ -422,7 +430,8 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
               f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     tensors = [_to_file_order(arch, config, n_layers, name, unit_module(model, name).layer(),
                               unit_module(model, name).bias, unit_rows(model, name)) for name in names]
-    return tensors, reports, settings
+    work.save_final(tensors, reports, final_key)
+    return tensors, reports, settings, head_imatrix
 
 
 def _distill_recompute(setting: str, blocks, data: BlockData) -> bool:
@@ -482,11 +491,20 @@ def settings_record(settings: ConvertSettings) -> str:
 def _identity(model_path: Path, settings: ConvertSettings) -> dict:
     """What a work folder belongs to: the source files and every setting that changes what it holds. Distillation
     (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
-    resumed with other distillation settings, and on another device."""
+    resumed with other distillation settings, on another device, and written with other tensor types."""
     files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
-    checkpointed = replace(settings, distill=DistillSettings(), device=DEVICE_AUTO)
+    checkpointed = replace(settings, distill=DistillSettings(), device=DEVICE_AUTO,
+                           admm=replace(settings.admm, matmul=AdmmSettings.matmul),  # the machine's: speed only
+                           **{name: getattr(ConvertSettings, name) for name in WRITE_ONLY})
     return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(checkpointed)),
             "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}
+
+
+def tensor_types(settings: ConvertSettings) -> TensorTypes:
+    """The non-NanoQuant tensors' types by role; the embedding and the head follow --other-type unless set."""
+    named = lambda name: gguf.GGMLQuantizationType[(name or settings.other_type).upper()]  # noqa: E731
+    return TensorTypes(other=named(settings.other_type), token_embd=named(settings.token_embd_type),
+                       output=named(settings.output_type))
 
 
 def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_dir: Path | None = None,
@@ -494,10 +512,11 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
     start = time.time()
     return_freed_memory_to_the_system()
     device = torch_device(settings.device)
+    settings = resolved(settings, device)
     peaks = StagePeaks(device)
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
+    types = tensor_types(settings)
     arch = architecture_for(_model_type(model_path))  # an unsupported model fails before a work folder appears
     work_path = work_dir or out_path.with_name(out_path.name + ".work")
     work = WorkFolder(work_path, _identity(model_path, settings), resume)
@@ -505,13 +524,13 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
         with tempfile.TemporaryDirectory(prefix="nanoquant-") as tmp:
             source = load_source(model_path, Path(tmp), arch, device)
             print(f"loading: on {device}, {peaks.end_stage()}")
-            tensors, reports, as_run = quantize_model(source, settings, work, peaks)
+            tensors, reports, as_run, head_imatrix = quantize_model(source, settings, work, peaks)
             metadata = {
                 formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
                 formats.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
                 formats.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
             }
-            write_nq_gguf(source.base_gguf, out_path, tensors, other_type, metadata)
+            write_nq_gguf(source.base_gguf, out_path, tensors, types, metadata, head_imatrix)
             print(f"writing: {peaks.end_stage()}")
     except BaseException:
         # a folder that holds nothing --resume could use (no statistics, no block) is this run's litter

@@ -40,46 +40,83 @@ class NQLayerTensors:
 
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)  # written by numpy's own conversion
+T = GGMLQuantizationType
+# llama-quantize's fallback for a tensor whose rows its type's blocks do not divide (llama-quant.cpp
+# tensor_type_fallback): a 256-block type becomes a 32-block type of about the same bits. Where that does not divide
+# the rows either, the tensor stays F32
+ROW_FALLBACK = {T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+                T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0,
+                T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
+IMATRIX_TYPES = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)  # ggml refuses to quantise these without one
 
 
-def row_quantizer(target: GGMLQuantizationType) -> tuple[Callable[[np.ndarray], np.ndarray], str | None]:
-    """(quantize, fallback note): float32 rows -> packed uint8 rows of `target`, by ggml's own quantizers
-    (nanoquant._core, every type) or, where that native build cannot be imported (a GPU machine given only the source
-    tree and gguf-py), by gguf-py's numpy quantizer of the type, whose bytes equal ggml's for every type it has
-    (tests/test_quantize_fallback.py); the note says so, None for ggml's own. The one place that decides."""
+def fitting_type(target: GGMLQuantizationType, cols: int) -> GGMLQuantizationType:
+    """The type a tensor with rows of `cols` values is written in when `target` is asked for."""
+    for candidate in (target, ROW_FALLBACK.get(target)):
+        if candidate is not None and cols % gguf.GGML_QUANT_SIZES[candidate][0] == 0:
+            return candidate
+    return T.F32
+
+
+@dataclass(frozen=True)
+class TensorTypes:
+    """The types of the tensors that are not NanoQuant layers, by role: the token embedding, the output head (a tied
+    embedding is the head: llama.cpp gives it the head's type), and the rest."""
+    other: GGMLQuantizationType
+    token_embd: GGMLQuantizationType
+    output: GGMLQuantizationType
+
+    def for_tensor(self, name: str, tied: bool) -> GGMLQuantizationType:
+        if is_head(name, tied):
+            return self.output
+        return self.token_embd if name == TOKEN_EMBD else self.other
+
+
+def is_head(name: str, tied: bool) -> bool:
+    return name == OUTPUT or (tied and name == TOKEN_EMBD)
+
+
+def row_quantizer(target: GGMLQuantizationType) -> tuple[Callable[..., np.ndarray], str | None]:
+    """(quantize, fallback note): quantize(float32 rows, imatrix=None) -> packed uint8 rows of `target`, by ggml's
+    own quantizers (nanoquant._core, every type, an importance per column when given) or, where that native build
+    cannot be imported (a GPU machine given only the source tree and gguf-py), by gguf-py's numpy quantizer of the
+    type, whose bytes equal ggml's for every type it has (tests/test_quantize_fallback.py) and which takes no
+    importance matrix; the note says so, None for ggml's own. The one place that decides."""
     try:
         from . import _core
     except ImportError as e:
         missing = f"{type(e).__name__}: {e}"
     else:
-        return (lambda rows: _core.quantize_rows(rows, int(target))), None
+        return (lambda rows, imatrix=None: _core.quantize_rows(rows, int(target), imatrix)), None
     block = gguf.GGML_QUANT_SIZES[target][0]
     try:  # gguf-py registers some types for dequantization only; one block of zeros tells
         gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), target)
     except NotImplementedError:
-        raise ValueError(f"--other-type {target.name}: gguf-py has no quantizer for {target.name}, and "
+        raise ValueError(f"{target.name}: gguf-py has no quantizer for {target.name}, and "
                          f"nanoquant._core (ggml's quantizers, built by `make`) cannot be imported ({missing}); "
                          "build it, or choose a type gguf-py quantizes (Q8_0, F16, ...)") from None
 
-    def quantize(rows: np.ndarray) -> np.ndarray:
+    def quantize(rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(gguf.quants.quantize(rows, target)).view(np.uint8).reshape(rows.shape[0], -1)
 
-    return quantize, f"gguf-py's numpy {target.name} quantizer (nanoquant._core cannot be imported: {missing})"
+    return quantize, (f"gguf-py's numpy {target.name} quantizer, without importance matrix (nanoquant._core cannot "
+                      f"be imported: {missing})")
 
 
-def _requantize(name: str, t, target: GGMLQuantizationType, quantize_rows: Callable[[np.ndarray], np.ndarray] | None):
-    """(data, raw_dtype) of a base tensor in the requested type; 1-D tensors and norms stay F32. quantize_rows:
-    row_quantizer's, for a target other than F32 and F16."""
+def _requantize(name: str, t, target: GGMLQuantizationType, quantize_rows: Callable[..., np.ndarray] | None,
+                imatrix: np.ndarray | None = None):
+    """(data, raw_dtype) of a base tensor in the requested type (or its row fallback, fitting_type); 1-D tensors and
+    norms stay F32. quantize_rows: row_quantizer's for that type, for a target other than F32 and F16."""
     if t.tensor_type == target:
         return np.asarray(t.data), t.tensor_type
     values = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
     values = values.reshape([int(x) for x in reversed(t.shape)])
-    block, _ = gguf.GGML_QUANT_SIZES[target]
-    if values.ndim < 2 or name.endswith("norm.weight") or values.shape[-1] % block:
+    if values.ndim < 2 or name.endswith("norm.weight") or fitting_type(target, values.shape[-1]) == T.F32:
         return values, GGMLQuantizationType.F32
     if target in FLOAT_TYPES:
         return values.astype(np.float32 if target == GGMLQuantizationType.F32 else np.float16), target
-    packed = quantize_rows(values.reshape(-1, values.shape[-1]))
+    packed = quantize_rows(values.reshape(-1, values.shape[-1]), imatrix)
     return packed.reshape(*values.shape[:-1], packed.shape[-1]), target
 
 
@@ -126,8 +163,11 @@ def finish_gguf(writer: GGUFWriter, tmp_path: Path, out_path: Path, progress: bo
         raise
 
 
-def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], other_type: GGMLQuantizationType,
-                  extra_metadata: dict[str, tuple[object, GGUFValueType]]) -> None:
+def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors], types: TensorTypes,
+                  extra_metadata: dict[str, tuple[object, GGUFValueType]],
+                  head_imatrix: np.ndarray | None = None) -> None:
+    """head_imatrix: the output head's importance per input column (the mean square of its inputs over the
+    calibration windows, llama.cpp's imatrix), used where the head is quantised; its I-quants need it."""
     base_path, out_path = Path(base_path), Path(out_path)
     for layer in layers:  # a NaN or Inf scale makes every logit NaN: refuse it here, not at the user's prompt
         for suffix, scale in layer.scales():
@@ -142,12 +182,29 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     missing = sorted((replaced | set(biases)) - {t.name for t in reader.tensors})
     if missing:
         raise ValueError(f"{base_path}: has no tensors {', '.join(missing[:5])} to replace")
+    tied = OUTPUT not in {t.name for t in reader.tensors}
 
-    quantize_rows = None
-    if other_type not in FLOAT_TYPES:
-        quantize_rows, note = row_quantizer(other_type)
+    planned = {}  # name -> the type it is written in, for the tensors that are requantised
+    for t in reader.tensors:
+        if t.name in replaced or t.name in biases or len(t.shape) < 2 or t.name.endswith("norm.weight"):
+            continue
+        target = fitting_type(types.for_tensor(t.name, tied), int(t.shape[0]))
+        planned[t.name] = target
+        if target in IMATRIX_TYPES and t.tensor_type != target and not (is_head(t.name, tied) and
+                                                                         head_imatrix is not None):
+            raise ValueError(f"{out_path}: {t.name} in {target.name} needs an importance matrix, and the "
+                             "calibration statistics have none for it (a work folder made before they were "
+                             "kept?); choose a K-quant for it")
+    quantizers = {}
+    for target in set(planned.values()) - set(FLOAT_TYPES) - {T.F32}:
+        quantizers[target], note = row_quantizer(target)
         if note:
-            print(f"writing: the other tensors by {note}")
+            print(f"writing: {target.name} tensors by {note}")
+    shown = {role: planned[name].name for role, name in (("token embedding", TOKEN_EMBD), ("output head", OUTPUT))
+             if name in planned}
+    if shown:
+        print("writing: " + ", ".join(f"{role} {name}" for role, name in shown.items())
+              + (" (tied: the embedding is the head)" if tied else ""))
     tmp_path = out_path.with_name(out_path.name + ".partial")
     writer = GGUFWriter(tmp_path, arch)
     try:
@@ -162,7 +219,9 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
             if t.name in biases:
                 writer.add_tensor(t.name, np.ascontiguousarray(biases[t.name], dtype=np.float32))
                 continue
-            data, dtype = _requantize(t.name, t, other_type, quantize_rows)
+            target = planned.get(t.name, types.other)
+            importance = head_imatrix if is_head(t.name, tied) else None
+            data, dtype = _requantize(t.name, t, target, quantizers.get(target), importance)
             writer.add_tensor(t.name, data, raw_dtype=dtype)
         for layer in layers:
             writer.add_tensor(f"{layer.base}.{formats.SUFFIX_V}", formats.pack_signs(layer.v), raw_dtype=formats.NQ1)

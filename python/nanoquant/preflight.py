@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import torch
 
-from .gguf_writer import FLOAT_TYPES, row_quantizer
+from .gguf_writer import FLOAT_TYPES, IMATRIX_TYPES, row_quantizer
 from .ranks import MAX_BPW
 
 MIN_WINDOW_TOKENS = 16  # a window shorter than this holds hardly a sentence: the statistics would be noise
@@ -47,12 +47,17 @@ def check_settings(settings) -> None:
             raise InputError(f"{flag}: expected a positive learning rate, got {value:g}")
     if settings.shrinkage is not None and not 0.0 <= settings.shrinkage <= 1.0:
         raise InputError(f"--shrinkage: expected a share between 0 and 1, got {settings.shrinkage:g}")
-    other_type = gguf.GGMLQuantizationType[settings.other_type.upper()]
-    if other_type not in FLOAT_TYPES:
-        try:  # a type no quantizer here can write fails now, not after the conversion
-            row_quantizer(other_type)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+    for flag, name in (("--other-type", settings.other_type), ("--token-embedding-type", settings.token_embd_type),
+                       ("--output-tensor-type", settings.output_type)):
+        wanted = gguf.GGMLQuantizationType[(name or settings.other_type).upper()]
+        if wanted in IMATRIX_TYPES and flag != "--output-tensor-type":
+            raise InputError(f"{flag} {wanted.name}: this type needs an importance matrix, which the converter has "
+                             "for the output head only (--output-tensor-type); choose a K-quant or Q8_0")
+        if wanted not in FLOAT_TYPES:
+            try:  # a type no quantizer here can write fails now, not after the conversion
+                row_quantizer(wanted)
+            except ValueError as e:
+                raise InputError(f"{flag} {e}") from None
     if settings.device == "cuda" and not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
         raise InputError(f"--device cuda: torch {torch.__version__} ({built}) sees no CUDA device; use --device cpu "

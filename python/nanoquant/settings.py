@@ -14,7 +14,7 @@ from typing import Any, Callable
 import gguf
 import torch
 
-from .admm import AdmmSettings
+from .admm import MATMUL_AUTO, MATMUL_DTYPES, AdmmSettings, resolve_matmul
 from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
 from .calibration import DEFAULT_CALIBRATION_TEXT
 from .ranks import ALLOCATIONS, SENSITIVITY, SPREAD_EXPECTED, valid_spread
@@ -48,12 +48,22 @@ class ConvertSettings:
     mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
     shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
     other_type: str = "Q8_0"
+    # the token embedding's and the output head's types (None: other_type); they are the largest tensors besides the
+    # NanoQuant layers (a 151,936-token vocabulary at 1,536 wide is 233M weights each), so the whole file's size
+    # depends on them as on the bpw. A type whose blocks do not divide the rows falls back as llama-quantize does
+    token_embd_type: str | None = None
+    output_type: str | None = None
     threads: int = 0
     # where torch computes (statistics, rank allocation, ADMM, block and model reconstruction): "auto" is cuda when
     # torch sees a GPU. Like threads, it is not part of the file's settings record nor of a work folder's identity
     device: str = "auto"
     effort_bpw: float | None = None        # rank_scaled_settings: the bpw the step counts below were sized for
     rank_scaled: tuple[str, ...] = ()      # which of RANK_BOUND_STEPS it may scale (not those set by the user)
+
+
+# settings that decide only how the file is written, not what the work folder holds: a kept work folder can be written
+# again with other types (convert._identity leaves them out)
+WRITE_ONLY = ("other_type", "token_embd_type", "output_type")
 
 
 def with_value(settings, path: str, value):
@@ -79,7 +89,7 @@ PRESETS: dict[str, ConvertSettings] = {
     # spread-bound ranks (session 24): 150-chunk PPL 179.27 in 625 s, over the 10 minutes; ADMM and distillation were
     # the stages measured to pay most, so the STE steps went to 20
     "fast": ConvertSettings(
-        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=40),
+        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=40, matmul=MATMUL_AUTO),
         tune=TuneSettings(dense_steps=0, factor_steps=20, batch_windows=1, scope="block"),
         distill=DistillSettings(steps=40, lr=1e-2), effort_bpw=1.0),
     # standard: SmolLM2 at 1.0 bpw, 150-chunk PPL (F32 22.26), Zen 5, 2 cores: ADMM 60 / distill 70 (uniform ranks,
@@ -88,7 +98,7 @@ PRESETS: dict[str, ConvertSettings] = {
     # the calibration draw: seeds 0 and 1 gave 121.96 / 124.83 (2% apart) where 32 windows gave 124.13 / 155.47 (25%),
     # in 1,703 / 1,775 s
     "standard": ConvertSettings(
-        calib_windows=64, calib_window_tokens=512, admm=AdmmSettings(iterations=120),
+        calib_windows=64, calib_window_tokens=512, admm=AdmmSettings(iterations=120, matmul=MATMUL_AUTO),
         tune=TuneSettings(dense_steps=20, factor_steps=100, batch_windows=1, scope="block"),
         distill=DistillSettings(steps=100, lr=1e-2), effort_bpw=1.0),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
@@ -104,6 +114,11 @@ DEFAULT_PRESET = "fast"
 # head and softmax over the vocabulary do not grow with the rank (SmolLM2, measured: 5.0 s a step at 1.0 bpw, 6.3 s at
 # 2.0, while the factorised layers cost 1.64x)
 RANK_BOUND_STEPS = ("admm.iterations", "tune.factor_steps")
+
+
+def resolved(settings: ConvertSettings, device: torch.device) -> ConvertSettings:
+    """The settings with every "auto" that depends on the machine decided for `device`: what the file records."""
+    return with_value(settings, "admm.matmul", resolve_matmul(settings.admm.matmul, device))
 
 
 def torch_device(setting: str) -> torch.device:
@@ -154,6 +169,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--calib-windows", "calib_windows", int, "number of calibration windows"),
     Option("--calib-window-tokens", "calib_window_tokens", int, "tokens per calibration window"),
     Option("--admm-iterations", "admm.iterations", int, "ADMM outer iterations"),
+    Option("--admm-matmul", "admm.matmul", str,
+           "dtype of ADMM's large products: auto (bfloat16 on a GPU and on a CPU with AVX512-BF16 or AMX), float32 "
+           "or bfloat16", choices=(MATMUL_AUTO, *MATMUL_DTYPES)),
     Option("--shrinkage", "shrinkage", float, "Hessian-diagonal shrinkage (default: per family)"),
     Option("--dense-steps", "tune.dense_steps", int, "block tuning steps of the still-dense layers"),
     Option("--factor-steps", "tune.factor_steps", int, "STE tuning steps of the factorised layers"),
@@ -186,6 +204,11 @@ OPTIONS: tuple[Option, ...] = (
            choices=(SHARED_NONE, *SHARED_INPUT_UNITS)),
     Option("--seed", "seed", int, "seed of calibration sampling, ADMM, tuning and distillation"),
     Option("--other-type", "other_type", _ggml_type, "ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)"),
+    Option("--token-embedding-type", "token_embd_type", _ggml_type,
+           "ggml type of the token embedding (as llama-quantize's option; default: --other-type)"),
+    Option("--output-tensor-type", "output_type", _ggml_type,
+           "ggml type of the output head, quantised with the calibration's importance matrix (as llama-quantize's "
+           "option; default: --other-type)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
     Option("--device", "device", str, "where torch computes every stage: auto (cuda when torch sees a GPU), cpu or cuda",
            choices=DEVICES),

@@ -1,0 +1,76 @@
+"""The types of the tensors that are not NanoQuant layers, by role (token embedding, output head, the rest), and a kept
+work folder written again with other types without computing anything."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import TINY_METHOD_ARGS, run_converter
+from nanoquant.gguf_writer import ROW_FALLBACK, fitting_type
+
+T = gguf.GGMLQuantizationType
+
+
+def tensor_types(path) -> dict[str, T]:
+    return {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def untied_llama(tmp_path_factory, smol_tokenizer):
+    """A tiny llama whose rows (256 wide) take K- and I-quants, with its own output head."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = tmp_path_factory.mktemp("untied") / "hf"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, vocab_size=len(smol_tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id))
+    model.save_pretrained(out)
+    smol_tokenizer.save_pretrained(out)
+    return out
+
+
+def test_embedding_and_head_take_their_own_types_and_a_kept_folder_rewrites_them(untied_llama, tmp_path):
+    out, work = tmp_path / "nq.gguf", tmp_path / "work"
+    proc = run_converter(untied_llama, "--outfile", out, "--work-dir", work, "--keep-work", *TINY_METHOD_ARGS,
+                         "--token-embedding-type", "Q2_K", "--output-tensor-type", "IQ2_XXS")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    types = tensor_types(out)
+    assert types["token_embd.weight"] == T.Q2_K
+    assert types["output.weight"] == T.IQ2_XXS  # an I-quant: quantised with the calibration's importance matrix
+    assert types["blk.0.attn_norm.weight"] == T.F32
+    assert types["blk.0.attn_q.nq_u"] != T.Q8_0
+    first = out.stat().st_size
+
+    again = tmp_path / "nq-q4k.gguf"
+    proc = run_converter(untied_llama, "--outfile", again, "--work-dir", work, "--resume", *TINY_METHOD_ARGS,
+                         "--token-embedding-type", "Q8_0", "--output-tensor-type", "Q4_K")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpointed" in proc.stdout and "statistics:" not in proc.stdout and "blocks:" not in proc.stdout
+    types = tensor_types(again)
+    assert types["token_embd.weight"] == T.Q8_0 and types["output.weight"] == T.Q4_K
+    assert again.stat().st_size > first
+    # the NanoQuant tensors are the same bytes: only the roles' types changed
+    nq = lambda path: {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors if ".nq_" in t.name}  # noqa
+    a, b = nq(out), nq(again)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_imatrix_type_is_refused_for_the_embedding_before_any_work(untied_llama, tmp_path):
+    out = tmp_path / "nq.gguf"
+    proc = run_converter(untied_llama, "--outfile", out, "--token-embedding-type", "IQ1_S")
+    assert proc.returncode == 2
+    assert "--token-embedding-type IQ1_S" in proc.stderr and "importance matrix" in proc.stderr
+    assert not out.exists() and not out.with_name(out.name + ".work").exists()
+
+
+@pytest.mark.parametrize("target,cols,expected", [
+    (T.Q2_K, 256, T.Q2_K), (T.Q2_K, 576, T.Q4_0), (T.IQ2_XXS, 576, T.IQ4_NL), (T.Q5_K, 96, T.Q5_1),
+    (T.Q6_K, 576, T.Q8_0), (T.Q8_0, 48, T.F32), (T.Q4_K, 40, T.F32),
+])
+def test_rows_a_type_does_not_divide_fall_back_as_llama_quantize_does(target, cols, expected):
+    assert fitting_type(target, cols) == expected
+    assert set(ROW_FALLBACK.values()) <= {T.IQ4_NL, T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0}
