@@ -1,9 +1,12 @@
 """Quality table: NanoQuant against llama.cpp's own formats, all scored by the patched llama-perplexity.
 
-    .venv/bin/python bench/quality.py [MODEL] [--chunks 150] [--rows ROW ...] [--chat-instructions FILE]
+    .venv/bin/python bench/quality.py [MODEL] [--chunks N] [--rows ROW ...] [--chat-instructions FILE]
 
-Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (150 unless told; another count writes its own
-quality-<model>-<N>chunks table), 2 threads. `kld` is the mean
+MODEL: the teacher GGUF (or HF folder); SmolLM2-135M-Instruct unless told. A model named in PROFILES has its own
+rows and chunk count (SmolLM2: every row, 150 chunks; Qwen2.5-Coder-1.5B-Instruct: llama.cpp's types from 8 bits
+down to its 1-bit ones and the NanoQuant presets, 40 chunks); another model gets every row and 150 chunks.
+Protocol: WikiText-2 test raw, ctx 512, the first `--chunks` chunks (the profile's unless told; another count writes
+its own quality-<model>-<N>chunks table), 2 threads. `kld` is the mean
 KL divergence to the F32 model's token distributions (llama-perplexity --kl-divergence) and `top1` the share of
 positions where both pick the same top token. llama.cpp's importance-matrix types take an imatrix made by
 llama-imatrix on the calibration text (WikiText-2 validation), never on the test text.
@@ -21,6 +24,13 @@ and cached in bench/results/<model>/chat-teacher-<hash>.json. Each file is score
 `chat_top1` is the share of answer tokens where its argmax is the teacher's token, `chat_ppl` exp of the mean NLL of
 the teacher's tokens; `chat_answers` counts its own greedy answers (CHAT_OWN_TOKENS tokens) that hold a word.
 
+The answer metric: short questions with accepted answers (data/chat/answer-questions.jsonl, the project's own,
+disjoint from the calibration instructions), asked greedily through the chat template; `answers_right` counts the
+answers whose first sentence (answer_head) holds an accepted answer as a word (case-insensitive).
+
+`file_bytes` is the whole file; `convert_s` and `peak_rss_mib` what making the file took (the NanoQuant converter's own
+log; llama-quantize's process, without the imatrix it reads).
+
 Every row is cached in bench/results/quality-<model>.json under the sha256 of its file and the protocol, so the table
 can be completed over several runs (files live in bench/results/<model>/, git-ignored). Writes the .json, a .md table
 and a Pareto plot (PPL against bpw_linear) as .png.
@@ -36,8 +46,9 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +76,10 @@ CHAT_OWN_TOKENS = 48    # each file's own greedy answers, only for the "does it 
 CHAT_SAMPLES = 3        # own answers kept in the row, for the README
 CHAT_SAMPLE_CHARS = 200
 CHAT_N_CTX = 2048       # instruction + template + answer; a longer one is an error, not a silently cut answer
+ANSWER_QUESTIONS = REPO / "data" / "chat" / "answer-questions.jsonl"
+ANSWER_TOKENS = 48      # a short answer; the verdict reads its first ANSWER_WINDOW characters
+ANSWER_WINDOW = 160     # room for "The capital of ... is X." and a worked sum, too little for a list of guesses
+ANSWER_MIN_WORDS = 4    # a shorter first sentence ("Sure!", "Great question.") does not end the part that is read
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,7 @@ ROWS = [
     Row("IQ1_M", "llama", "IQ1_M", imatrix=True),
     Row("IQ1_S", "llama", "IQ1_S", imatrix=True),
     Row("TQ1_0", "llama", "TQ1_0"),
+    Row("Q1_0", "llama", "Q1_0"),
     Row("NQ 2.0", "nq", bpw=2.0),
     Row("NQ 1.5", "nq", bpw=1.5),
     Row("NQ 1.0", "nq", bpw=1.0),
@@ -98,6 +114,8 @@ ROWS = [
     Row("NQ 0.55", "nq", bpw=0.55),
     Row("NQ 1.0 (fast preset)", "nq", bpw=1.0, converter_args=("--preset", "fast"),
         note="--preset fast, the make-demo setting; its convert_s is the fast preset's time"),
+    Row("NQ 2.0 (fast preset)", "nq", bpw=2.0, converter_args=("--preset", "fast"), note="--preset fast"),
+    Row("NQ 0.55 (fast preset)", "nq", bpw=0.55, converter_args=("--preset", "fast"), note="--preset fast"),
     Row("ablation 1.0: per-row sign", "sign", bpw=1.0,
         note="alpha_row * sign(W), stored as F16 for evaluation; bpw_linear is the 1-bit packing's"),
     Row("ablation 1.0: ADMM init only", "nq", bpw=1.0,
@@ -136,6 +154,38 @@ ROWS = [
 ROW_NAMES = {row.method: row for row in ROWS}
 
 
+@dataclass(frozen=True)
+class Profile:
+    """A model's table: its chunk count and rows (the rows of another model, or a row's variant for this model)."""
+    chunks: int
+    rows: tuple[Row, ...]
+
+
+# Qwen2.5-Coder-1.5B-Instruct: every linear row is a multiple of 256, so llama.cpp's K- and I-quants apply at their
+# real size; its 2-bit and smaller types (Q2_K too) get the imatrix, as a user makes them
+_QWEN15_ROWS = ("F32", "Q8_0", "Q4_K_M", "Q4_0", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q1_0", "TQ1_0", "NQ 2.0",
+                "NQ 1.0", "NQ 0.55", "NQ 1.0 (fast preset)")
+PROFILES = {
+    "SmolLM2-135M-Instruct": Profile(150, tuple(ROWS)),
+    "Qwen2.5-Coder-1.5B-Instruct": Profile(40, tuple(
+        replace(ROW_NAMES[n], imatrix=True) if ROW_NAMES[n].llama_type in ("Q2_K", "Q1_0") else ROW_NAMES[n]
+        for n in _QWEN15_ROWS)),
+}
+
+
+def model_name(model: Path) -> str:
+    """The table's name of a teacher: a GGUF's name without its type and extension (X.Q4_K_M.gguf -> X)."""
+    name = model.name
+    if not model.is_dir():
+        name = re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
+        name = re.sub(r"[.-](F32|F16|BF16|Q[0-9]_[0-9A-Z_]+|IQ[0-9]_[A-Z_]+|TQ[0-9]_0)$", "", name, flags=re.IGNORECASE)
+    return name
+
+
+def profile_for(model: Path) -> Profile:
+    return PROFILES.get(model_name(model), Profile(DEFAULT_CHUNKS, tuple(ROWS)))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
@@ -158,19 +208,35 @@ def finish(path: Path) -> Path:
     return path
 
 
-def run(cmd: list, what: str) -> str:
+def run(cmd: list, what: str, peak: dict | None = None) -> str:
+    """The command's output; it must succeed. peak: gets "mib", the process's own peak RSS."""
     print("+", " ".join(map(str, cmd)), flush=True)
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use, peak RSS included
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = ""
+        for f in (out, err):
+            f.seek(0)
+            text += f.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc.stdout + proc.stderr
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{text[-3000:]}")
+    if peak is not None:
+        peak["mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return text
 
 
 def converter_seconds(model: Path) -> float | None:
     """The conversion time the NanoQuant converter reported in the log next to its file ("wrote ... in N s")."""
     log = model.with_suffix(".log")
     found = re.search(r"\) in (\d+) s, peak RSS", log.read_text()) if log.is_file() else None
+    return float(found.group(1)) if found else None
+
+
+def converter_peak_mib(model: Path) -> float | None:
+    """The peak RSS the NanoQuant converter reported in the log next to its file ("..., peak RSS N MiB")."""
+    log = model.with_suffix(".log")
+    found = re.search(r"\) in \d+ s, peak RSS (\d+) MiB", log.read_text()) if log.is_file() else None
     return float(found.group(1)) if found else None
 
 
@@ -233,6 +299,63 @@ def teacher_answers(teacher: Path, instructions: Path, out_dir: Path, max_tokens
     return result
 
 
+def read_questions(path: Path) -> list[dict]:
+    """{"question": ..., "accept": [pattern, ...]} a line; a question shared with the calibration list is refused."""
+    questions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for q in questions:
+        if not q.get("question") or not q.get("accept"):
+            raise ValueError(f"{path}: every line needs a question and accepted answers, got {q}")
+    from nanoquant import calibration
+
+    calibration_set = set(calibration.read_instructions(CHAT_CALIBRATION)) if CHAT_CALIBRATION.is_file() else set()
+    shared = [q["question"] for q in questions if q["question"] in calibration_set]
+    if shared:
+        raise ValueError(f"{path}: {len(shared)} question(s) also in {CHAT_CALIBRATION.name}, e.g. {shared[0]!r}")
+    return questions
+
+
+def answer_head(answer: str) -> str:
+    """The part of an answer the verdict reads: up to the end of its first sentence of ANSWER_MIN_WORDS words or more
+    (so "Sure! The capital is X." reads on to X, "A year has 365 days. 365 / 12 ..." stops at days), at most
+    ANSWER_WINDOW characters."""
+    head = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer.strip()):
+        head.append(sentence)
+        if len(sentence.split()) >= ANSWER_MIN_WORDS:
+            break
+    return " ".join(" ".join(head).split())[:ANSWER_WINDOW]
+
+
+def answer_right(answer: str, accept: list[str]) -> bool:
+    """An accepted answer (a regular expression) as a whole word ("Earth", not "super-Earth") in answer_head."""
+    head = answer_head(answer)
+    return any(re.search(rf"(?<![\w.-]){pattern}(?![\w-])", head, flags=re.IGNORECASE) for pattern in accept)
+
+
+def answer_scores(candidate: Path, questions: list[dict], threads: int = 2) -> dict:
+    """The file's own greedy answers to the questions under its chat template, and how many are right."""
+    from nanoquant import Model
+
+    answers = []
+    with Model(candidate, n_ctx=CHAT_N_CTX, n_threads=threads, seed=0) as m:
+        for q in questions:
+            text = m.generate(chat_prompt_ids(m, q["question"]), max_tokens=ANSWER_TOKENS, temperature=0)
+            answers.append({"question": q["question"], "answer": text.strip(), "right": answer_right(text, q["accept"])})
+    return {"answers_right": sum(a["right"] for a in answers), "answers_total": len(answers), "answers": answers}
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return proc.stdout.strip() + ("+uncommitted" if dirty else "") if proc.returncode == 0 else "unknown"
+
+
+def bench_command(model: Path, row: Row) -> str:
+    shown = model.relative_to(REPO) if model.is_relative_to(REPO) else model
+    return f'.venv/bin/python bench/quality.py {shown} --rows "{row.method}"'
+
+
 def talks(text: str) -> bool:
     """The cheap "does it talk" test: some text after strip() holding a word of two or more letters."""
     return re.search(r"[^\W\d_]{2,}", text.strip()) is not None
@@ -266,19 +389,22 @@ def chat_scores(candidate: Path, answers: dict, threads: int = 2, own_tokens: in
 
 
 class Bench:
-    def __init__(self, model: Path, chunks: int, threads: int, preset: str,
+    def __init__(self, model: Path, chunks: int | None, threads: int, preset: str,
                  chat_instructions: Path = CHAT_INSTRUCTIONS, chat_tokens: int = CHAT_MAX_TOKENS):
-        self.model, self.chunks, self.threads, self.preset = model, chunks, threads, preset
+        self.model, self.threads, self.preset = model, threads, preset
         self.chat_instructions, self.chat_tokens = chat_instructions, chat_tokens
         self._chat_protocol = self._answers = self._teacher_sha256 = None  # made on first use: they need the F32
-        self.name = model.name.split(".")[0] if model.is_file() else model.name
+        self.name = model_name(model)
+        self.profile = profile_for(model)
+        self.chunks = chunks or self.profile.chunks
+        self.row_names = {row.method: row for row in self.profile.rows}
         self.dir = RESULTS / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        # another chunk count is another protocol: its rows go to their own table (e.g. the 40-chunk check of #3)
-        suffix = "" if chunks == DEFAULT_CHUNKS else f"-{chunks}chunks"
+        # another chunk count is another protocol: its rows go to their own table
+        suffix = "" if self.chunks == self.profile.chunks else f"-{self.chunks}chunks"
         self.json_path = RESULTS / f"quality-{self.name}{suffix}.json"
         self.rows = json.loads(self.json_path.read_text()) if self.json_path.is_file() else []
-        self.protocol = {"text": TEST_TEXT.name, "ctx": 512, "chunks": chunks}
+        self.protocol = {"text": TEST_TEXT.name, "ctx": 512, "chunks": self.chunks}
 
     # --- files -----------------------------------------------------------------------------------------------
     def f32(self) -> Path:
@@ -301,19 +427,21 @@ class Bench:
             finish(out)
         return out
 
-    def build(self, row: Row) -> tuple[Path, float | None]:
-        """The row's file, made if missing; and the seconds it took to make when it was made now."""
+    def build(self, row: Row) -> tuple[Path, float | None, float | None]:
+        """The row's file, made if missing; and the seconds and peak RSS (MiB) making it took when made now."""
         out = self.dir / f"{slug(row.method)}.gguf"
         if row.kind == "f32":
-            return self.f32(), None
+            return self.f32(), None, None
         if out.is_file():
-            return out, None
-        start = time.time()
+            return out, None, None
+        start, peak = time.time(), {}
         if row.kind == "llama":
             cmd = [BIN / "llama-quantize", "--allow-requantize"]
             if row.imatrix:
                 cmd += ["--imatrix", self.imatrix()]
-            run(cmd + [self.f32(), partial(out), row.llama_type, self.threads], f"llama-quantize {row.llama_type}")
+            start = time.time()  # the imatrix is made once for all rows: not this row's time
+            run(cmd + [self.f32(), partial(out), row.llama_type, self.threads], f"llama-quantize {row.llama_type}",
+                peak)
             finish(out)
         elif row.kind == "nq":
             log = run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
@@ -322,9 +450,9 @@ class Bench:
             out.with_suffix(".log").write_text(log)  # stage timings, losses and peak RSS of the conversion
         elif row.kind == "sign":
             run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), partial(out)],
-                "per-row sign baseline")
+                "per-row sign baseline", peak)
             finish(out)
-        return out, time.time() - start
+        return out, time.time() - start, peak.get("mib")
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def kld_base(self) -> Path:
@@ -397,14 +525,29 @@ class Bench:
                 return r
         return None
 
+    def answers_protocol(self) -> dict:
+        return {"questions": ANSWER_QUESTIONS.name, "questions_sha256": sha256(ANSWER_QUESTIONS)[:16],
+                "max_tokens": ANSWER_TOKENS, "window_chars": ANSWER_WINDOW, "min_words": ANSWER_MIN_WORDS,
+                "rule": "first sentence", "decoding": "greedy",
+                "template": "gguf chat_template"}
+
+    def answers(self, model: Path) -> dict:
+        scores = answer_scores(model, read_questions(ANSWER_QUESTIONS), self.threads)
+        print(f"answers: {scores['answers_right']}/{scores['answers_total']} right", flush=True)
+        return {**scores, "answers_protocol": self.answers_protocol()}
+
     def evaluate(self, row: Row) -> dict:
-        path, seconds = self.build(row)
+        path, seconds, peak_mib = self.build(row)
         if row.kind == "nq":  # the converter's own clock, from its log: also right when a file is re-made to time it
             seconds = converter_seconds(path) or seconds
+            peak_mib = converter_peak_mib(path) or peak_mib
         digest = sha256(path)
         hit = self.cached(row.method, digest)
         if hit is not None and seconds is not None and hit.get("convert_s") != seconds:
             hit["convert_s"] = seconds
+            self.save()
+        if hit is not None and peak_mib is not None and hit.get("peak_rss_mib") != peak_mib:
+            hit["peak_rss_mib"] = peak_mib
             self.save()
         if hit is not None and row.kind == "nq" and hit.get("ref_protocol") != REF_PROTOCOL:
             hit.update(ref_rel_diff=self.reference_check(path), ref_protocol=REF_PROTOCOL)  # an older check: redo it
@@ -412,22 +555,31 @@ class Bench:
         if hit is not None and hit.get("chat_protocol") != self.chat_protocol():  # older rows: chat only, no PPL
             hit.update(self.chat(path))
             self.save()
+        if hit is not None and hit.get("answers_protocol") != self.answers_protocol():
+            hit.update(self.answers(path))
+            self.save()
         if hit is not None:
+            hit.setdefault("file_bytes", hit.get("size_bytes"))
             print(f"{row.method}: cached")
             return hit
         previous = next((r for r in self.rows if r["method"] == row.method), None)
         if seconds is None and previous is not None and row.kind != "f32":
             seconds = previous.get("convert_s")  # the file was made by an earlier run
+        if peak_mib is None and previous is not None and row.kind != "f32":
+            peak_mib = previous.get("peak_rss_mib")
         bits, weights = decoder_linear_bits(path)
         bpw_linear = bits / weights
         if row.kind == "sign":  # stored densely for evaluation: count what a 1-bit packing with row scales takes
             bpw_linear = row_sign_bpw(path)
         size, info = path.stat().st_size, describe(path)
         result = {"method": row.method, "bpw_linear": bpw_linear, "bpw_file": 8 * size / info.dense_parameters,
-                  "size_bytes": size, **self.score(path), "convert_s": seconds,
+                  "size_bytes": size, "file_bytes": size, **self.score(path), "convert_s": seconds,
+                  "peak_rss_mib": peak_mib,
                   "ref_rel_diff": self.reference_check(path) if row.kind == "nq" else None,
-                  "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, **self.chat(path), "sha256": digest,
-                  "protocol": self.protocol, "note": row.note, "machine": machine(),
+                  "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, **self.chat(path),
+                  **self.answers(path), "sha256": digest, "protocol": self.protocol, "note": row.note,
+                  "machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+                  "command": bench_command(self.model, row),
                   "conversion_settings": info.conversion_settings}  # NQ files record how they were made
         self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
         self.save()
@@ -435,7 +587,7 @@ class Bench:
 
     # --- output ----------------------------------------------------------------------------------------------
     def save(self) -> None:
-        order = {row.method: i for i, row in enumerate(ROWS)}
+        order = {row.method: i for i, row in enumerate(self.profile.rows)}
         self.rows.sort(key=lambda r: order.get(r["method"], len(order)))
         self.json_path.write_text(json.dumps(self.rows, indent=1) + "\n")
         self.json_path.with_suffix(".md").write_text(markdown(self.rows, self))
@@ -496,20 +648,24 @@ def markdown(rows: list[dict], bench: Bench) -> str:
     teacher = next((r["ppl"] for r in rows if r["method"] == "F32"), None)
     lines = [f"Model `{bench.model.name}`; WikiText-2 test raw, ctx 512, first {bench.chunks} chunks, patched "
              f"llama-perplexity; kld/top1 against F32. Machine: {rows[0]['machine'] if rows else '-'}.", "",
-             "| method | bpw_linear | bpw_file | size_bytes | ppl | x F32 | kld | top1 | chat_top1 | chat_ppl | "
-             "chat_answers | convert_s | ref_rel_diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | bpw_linear | bpw_file | file MB | ppl | x F32 | kld | top1 | chat_top1 | chat_ppl | "
+             "chat_answers | answers right | convert_s | peak RSS MiB | ref_rel_diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['ppl'] / teacher:.2f}" if teacher else "-"
         convert = "-" if r["convert_s"] is None else f"{r['convert_s']:.0f}"
+        peak = "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:,.0f}"
         ref = "-" if r.get("ref_rel_diff") is None else f"{r['ref_rel_diff']:.1e}"
         chat = (f"{r['chat_top1']:.3f} | {r['chat_ppl']:.2f} | {r['chat_answers']}/{r['chat_instructions']}"
                 if r.get("chat_top1") is not None else "- | - | -")
-        lines.append(f"| {r['method']} | {r['bpw_linear']:.3f} | {r['bpw_file']:.3f} | {r['size_bytes']:,} | "
-                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {chat} | {convert} | {ref} |")
+        answers = f"{r['answers_right']}/{r['answers_total']}" if r.get("answers_total") else "-"
+        size = r.get("file_bytes", r["size_bytes"])
+        lines.append(f"| {r['method']} | {r['bpw_linear']:.3f} | {r['bpw_file']:.3f} | {size / 1e6:,.1f} | "
+                     f"{r['ppl']:.2f} | {ratio} | {r['kld']:.4f} | {r['top1']:.3f} | {chat} | {answers} | {convert} | "
+                     f"{peak} | {ref} |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
-    drift = {r["method"]: settings_drift(ROW_NAMES[r["method"]], bench.preset, r.get("conversion_settings"))
-             for r in rows if r["method"] in ROW_NAMES}
+    drift = {r["method"]: settings_drift(bench.row_names[r["method"]], bench.preset, r.get("conversion_settings"))
+             for r in rows if r["method"] in bench.row_names}
     notes += [f"- {method}: made before the settings its command gives now: {'; '.join(changes)}"
               for method, changes in drift.items() if changes]
     chat_rows = [r for r in rows if r.get("chat_protocol")]
@@ -520,6 +676,13 @@ def markdown(rows: list[dict], bench: Bench) -> str:
                   f"`{c['instructions']}` (sha256 {c['instructions_sha256'][:12]}); chat_top1 is the share of answer "
                   f"tokens where the file's argmax is the teacher's token, chat_ppl exp of their mean NLL; "
                   f"chat_answers counts its own greedy answers ({c['own_tokens']} tokens) that hold a word."]
+    answered = [r for r in rows if r.get("answers_protocol")]
+    if answered:
+        a = answered[0]["answers_protocol"]
+        lines += ["", f"answers right: greedy answers ({a['max_tokens']} tokens at most, the GGUF's chat template) to "
+                  f"the {answered[0]['answers_total']} questions of `{a['questions']}` (sha256 "
+                  f"{a['questions_sha256'][:12]}) whose first sentence of {a['min_words']} words or more (at most "
+                  f"{a['window_chars']} characters, shorter sentences before it included) holds an accepted answer."]
     samples = [f"- {r['method']}: {json.dumps(r['chat_samples'][0], ensure_ascii=False)}"
                for r in chat_rows if r.get("chat_samples")]
     if samples:
@@ -528,28 +691,32 @@ def markdown(rows: list[dict], bench: Bench) -> str:
 
 
 def plot(rows: list[dict], out: Path, name: str, chunks: int) -> None:
+    """Two Pareto views: PPL against the whole file's size, and against the decoder linears' bits per weight."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family, marker, pick in (("llama.cpp", "o", lambda m: not m.startswith(("NQ", "ablation"))),
-                                 ("NanoQuant", "s", lambda m: m.startswith("NQ")),
-                                 ("ablations", "x", lambda m: m.startswith("ablation"))):
-        sel = [r for r in rows if pick(r["method"])]
-        if not sel:
-            continue
-        ax.scatter([r["bpw_linear"] for r in sel], [r["ppl"] for r in sel], marker=marker, label=family)
-        for r in sel:
-            ax.annotate(re.sub(r"^ablation [0-9.]+: ", "", r["method"]), (r["bpw_linear"], r["ppl"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight of the decoder linear layers (from the file)")
-    ax.set_ylabel(f"WikiText-2 PPL (ctx 512, {chunks} chunks)")
-    ax.set_title(name)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    views = ((lambda r: r.get("file_bytes", r["size_bytes"]) / 1e6, "whole file (MB)"),
+             (lambda r: r["bpw_linear"], "bits per weight of the decoder linear layers (from the file)"))
+    for ax, (x_of, label) in zip(axes, views):
+        for family, marker, pick in (("llama.cpp", "o", lambda m: not m.startswith(("NQ", "ablation"))),
+                                     ("NanoQuant", "s", lambda m: m.startswith("NQ")),
+                                     ("ablations", "x", lambda m: m.startswith("ablation"))):
+            sel = [r for r in rows if pick(r["method"])]
+            if not sel:
+                continue
+            ax.scatter([x_of(r) for r in sel], [r["ppl"] for r in sel], marker=marker, label=family)
+            for r in sel:
+                ax.annotate(re.sub(r"^ablation [0-9.]+: ", "", r["method"]), (x_of(r), r["ppl"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"WikiText-2 PPL (ctx 512, {chunks} chunks)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(name)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -558,7 +725,7 @@ def plot(rows: list[dict], out: Path, name: str, chunks: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="HF folder or GGUF (the teacher)")
-    p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
+    p.add_argument("--chunks", type=int, default=None, help="perplexity chunks (default: the model's profile)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="standard", help="converter preset of the NanoQuant rows")
     p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {list(ROW_NAMES)}")
@@ -566,20 +733,23 @@ def main(argv=None) -> int:
                    help="evaluation instructions of the chat metric, one a line")
     p.add_argument("--chat-tokens", type=int, default=CHAT_MAX_TOKENS, help="most tokens of a teacher answer")
     args = p.parse_args(argv)
-    unknown = [r for r in args.rows or [] if r not in ROW_NAMES]
-    if unknown:
-        p.error(f"--rows: unknown {unknown}; known: {list(ROW_NAMES)}")
     if not args.model.exists():
         p.error(f"{args.model}: no such file or folder")
+    rows = profile_for(args.model).rows
+    known = [row.method for row in rows]
+    unknown = [r for r in args.rows or [] if r not in known]
+    if unknown:
+        p.error(f"--rows: unknown for {model_name(args.model)}: {unknown}; known: {known}")
     if args.chat_tokens < 1:
         p.error("--chat-tokens: at least 1")
     if not args.chat_instructions.is_file():
         p.error(f"--chat-instructions: {args.chat_instructions}: no such file")
     bench = Bench(args.model, args.chunks, args.threads, args.preset, args.chat_instructions, args.chat_tokens)
-    for row in (ROW_NAMES[r] for r in args.rows) if args.rows else ROWS:
+    for row in (bench.row_names[r] for r in args.rows) if args.rows else rows:
         r = bench.evaluate(row)
-        print(f"{r['method']:<44} bpw_linear {r['bpw_linear']:.3f}  ppl {r['ppl']:.2f}  kld {r['kld']:.4f}  "
-              f"top1 {r['top1']:.3f}  chat_top1 {r['chat_top1']:.3f}  chat_ppl {r['chat_ppl']:.2f}", flush=True)
+        print(f"{r['method']:<44} bpw_linear {r['bpw_linear']:.3f}  file {r['file_bytes'] / 1e6:.0f} MB  "
+              f"ppl {r['ppl']:.2f}  kld {r['kld']:.4f}  top1 {r['top1']:.3f}  chat_top1 {r['chat_top1']:.3f}  "
+              f"answers {r['answers_right']}/{r['answers_total']}", flush=True)
     bench.save()
     print(f"wrote {bench.json_path} and .md/.png")
     return 0

@@ -305,3 +305,43 @@ def test_cached_rows_get_the_chat_metric_without_being_scored_again(chat_models,
     # scored once: a second evaluation under the same protocol finds it complete
     monkeypatch.setattr(quality, "chat_scores", no_scoring)
     assert bench.evaluate(quality.ROW_NAMES["F32"])["chat_top1"] == row["chat_top1"]
+
+
+def test_an_answer_is_right_when_its_first_sentence_holds_an_accepted_word():
+    quality = bench_quality()
+    right = quality.answer_right
+    assert right("The capital of Ireland is Dublin, on the east coast.", ["dublin"])
+    assert right("Sure! The capital of Ireland is Dublin.", ["dublin"])  # a short opener does not end the head
+    assert right("2 + 2 = 4", ["4", "four"]) and right("It has four legs.", ["4", "four"])
+    assert right("The extension is `.py`.", [r"\.?py"])
+    assert not right("A year is approximately 365 days. So 365 / 12 = 30 a month.", ["12", "twelve"])
+    assert not right("The planet we live on is Kepler-41b, a super-Earth.", ["earth"])
+    assert not right("10 - 4 = 12.", ["6", "six"]) and not right("", ["6"])
+    assert not right("The answer is 24.", ["4"])  # a number inside another is not the answer
+    assert len(quality.answer_head("word " * 200)) == quality.ANSWER_WINDOW
+
+
+def test_the_answer_questions_are_the_projects_own_and_not_calibration(tmp_path, monkeypatch):
+    quality = bench_quality()
+    questions = quality.read_questions(quality.ANSWER_QUESTIONS)
+    assert len(questions) >= 40 and len({q["question"] for q in questions}) == len(questions)
+    evaluation = set((REPO / "data" / "chat" / "eval-instructions.txt").read_text().splitlines())
+    assert not {q["question"] for q in questions} & evaluation
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(questions[3]["question"] + "\n")
+    monkeypatch.setattr(quality, "CHAT_CALIBRATION", calibration)
+    with pytest.raises(ValueError, match="also in calibration.txt"):
+        quality.read_questions(quality.ANSWER_QUESTIONS)
+
+
+def test_each_model_has_its_table_name_rows_and_chunks():
+    quality = bench_quality()
+    qwen = REPO / "models" / "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+    assert quality.model_name(qwen) == "Qwen2.5-Coder-1.5B-Instruct"
+    assert quality.model_name(quality.DEFAULT_MODEL) == "SmolLM2-135M-Instruct"
+    profile = quality.PROFILES["Qwen2.5-Coder-1.5B-Instruct"]
+    rows = {r.method: r for r in profile.rows}
+    assert profile.chunks == 40 and rows["Q2_K"].imatrix and rows["IQ1_S"].imatrix and not rows["Q4_0"].imatrix
+    assert {"NQ 2.0", "NQ 1.0", "NQ 0.55", "NQ 1.0 (fast preset)", "Q1_0", "TQ1_0"} <= set(rows)
+    smol = {r.method for r in quality.PROFILES["SmolLM2-135M-Instruct"].rows}
+    assert {"NQ 0.55 (fast preset)", "NQ 2.0 (fast preset)"} <= smol
