@@ -1,6 +1,6 @@
 """End-to-end speed: llama-bench pp128 and tg64, NanoQuant files against llama.cpp's types, repetitions interleaved.
 
-    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b] [--reps 3] [--threads 1 2]
+    .venv/bin/python bench/decode.py [--models smollm2 synthetic-1b qwen2.5-coder-1.5b] [--reps 3] [--threads 1 2]
                                      [--head q8_0] [--out FILE.json]
 
 Models: (a) SmolLM2-135M-Instruct: NQ-1.0 and NQ-0.55 are the quality table's files where bench/quality.py has made them,
@@ -8,7 +8,10 @@ else files with random signs at the same ranks (the file name says so); the llam
 teacher. (b) synthetic-1b: a Llama-shaped
 model of about 1.1B parameters (hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV heads, SmolLM2's tokenizer) with
 RANDOM weights: its numbers are about speed only. Its NQ files carry random signs at the method's ranks.
-Every file keeps its token embedding / output head at one type, `--head` (default Q8_0, the converter's default
+(c) qwen2.5-coder-1.5b (`make models-1.5b`, not a default): the files bench/quality.py made for that model's table,
+as a user runs them (each with its own embedding and head types); alone it writes
+decode-Qwen2.5-Coder-1.5B-Instruct.json / .md.
+Every file of (a) and (b) keeps its token embedding / output head at one type, `--head` (default Q8_0, the converter's default
 `--other-type`), so the heads cost the same on both sides. Both models tie the head to the embedding, so a token reads
 every byte of a file: when every type runs at the memory bound, the tg64 ratio is the ratio of file sizes, which the
 table shows ("size ratio"). With another `--head` the SmolLM2 NQ files are random signs at the same ranks, and the
@@ -91,6 +94,26 @@ def smollm2_files(threads: int, head: str) -> dict[str, Path]:
     return files
 
 
+QWEN15 = REPO / "models" / "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"  # `make models-1.5b`
+# the quality table's rows of the real-size model whose files are timed, under this bench's type names
+QWEN15_ROWS = {"NQ-1.0": "NQ 1.0", "NQ-0.55": "NQ 0.55", "Q4_0": "Q4_0", "Q2_K": "Q2_K", "IQ1_S": "IQ1_S",
+               "IQ1_M": "IQ1_M", "Q1_0": "Q1_0", "TQ1_0": "TQ1_0"}
+
+
+def qwen15_files(threads: int, head: str) -> dict[str, Path]:
+    """Qwen2.5-Coder-1.5B-Instruct: the files bench/quality.py made for its table, each with the embedding and head
+    types it was made with (`--head` does not apply: these are the files a user would run)."""
+    if not QWEN15.is_file():
+        raise SystemExit(f"{QWEN15}: not found; `make models-1.5b` fetches it")
+    bench = Bench(QWEN15, None, threads, "standard")
+    files = {name: bench.dir / f"{slug(row)}.gguf" for name, row in QWEN15_ROWS.items()}
+    missing = [f'"{QWEN15_ROWS[n]}"' for n, path in files.items() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"qwen2.5-coder-1.5b: make the quality table's files first: .venv/bin/python bench/quality.py "
+                         f"{QWEN15.relative_to(REPO)} --rows {' '.join(missing)}")
+    return files
+
+
 # --- the synthetic model ------------------------------------------------------------------------------------------
 def synthetic_base(folder: Path) -> Path:
     """An F16 Llama GGUF with random weights (std 0.02) and SmolLM2's tokenizer."""
@@ -138,7 +161,7 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "
     import gguf
     from nanoquant import formats
     from nanoquant.fileinfo import DECODER_LINEAR
-    from nanoquant.gguf_writer import NQLayerTensors, write_nq_gguf
+    from nanoquant.gguf_writer import NQLayerTensors, TensorTypes, write_nq_gguf
 
     if out.is_file():
         return out
@@ -161,7 +184,7 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "
                                      replaces=tuple(t.name[: -len(".weight")] for t in tensors)))
     meta = {formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
             formats.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
-    write_nq_gguf(base, out, layers, gguf.GGMLQuantizationType[head.upper()], meta)
+    write_nq_gguf(base, out, layers, TensorTypes.every(gguf.GGMLQuantizationType[head.upper()]), meta)
     return out
 
 
@@ -188,7 +211,8 @@ def llama_bench(model: Path, threads: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1b"], choices=["smollm2", "synthetic-1b"])
+    p.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1b"],
+                   choices=["smollm2", "synthetic-1b", "qwen2.5-coder-1.5b"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--head", default=DEFAULT_HEAD, type=str.lower,
@@ -199,7 +223,7 @@ def main(argv=None) -> int:
     import gguf
     if args.head.upper() not in gguf.GGMLQuantizationType.__members__:
         p.error(f"--head: unknown ggml type '{args.head}'")
-    build = {"smollm2": smollm2_files, "synthetic-1b": synthetic_files}
+    build = {"smollm2": smollm2_files, "synthetic-1b": synthetic_files, "qwen2.5-coder-1.5b": qwen15_files}
     files = {(m, name): path for m in args.models for name, path in build[m](max(args.threads), args.head).items()}
 
     samples: dict[tuple, list[float]] = {}
@@ -212,11 +236,16 @@ def main(argv=None) -> int:
 
     from nanoquant.fileinfo import decoder_linear_bits
     bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
+    from quality import git_commit
+    command = "bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = [{"model": m, "type": n, "file": files[(m, n)].name, "file_bytes": files[(m, n)].stat().st_size,
-             "head": args.head, "bpw_linear": bpw[(m, n)], "threads": t, "test": test,
-             "tokens_per_s": statistics.median(v), "samples": v, "machine": machine()}
+             "head": "as made" if m == "qwen2.5-coder-1.5b" else args.head, "bpw_linear": bpw[(m, n)],
+             "threads": t, "test": test, "tokens_per_s": statistics.median(v), "samples": v, "machine": machine(),
+             "commit": git_commit(), "command": command}
             for (m, n, t, test), v in samples.items()]
-    out = args.out or RESULTS / f"decode{head_suffix(args.head)}.json"
+    default_name = ("decode-Qwen2.5-Coder-1.5B-Instruct" if args.models == ["qwen2.5-coder-1.5b"]
+                    else f"decode{head_suffix(args.head)}")
+    out = args.out or RESULTS / f"{default_name}.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows)
     out.with_suffix(".md").write_text(table)

@@ -173,7 +173,7 @@ def test_converter_failure_before_progress_leaves_no_work_folder(tmp_path, smol_
 
 def test_writer_refuses_a_non_finite_scale(tiny_nq_models, tmp_path):
     """The converter's last step: a diverged scale stops the write, and nothing lands under the output's name."""
-    from nanoquant.gguf_writer import NQLayerTensors, write_nq_gguf
+    from nanoquant.gguf_writer import NQLayerTensors, TensorTypes, write_nq_gguf
 
     reader = gguf.GGUFReader(tiny_nq_models["llama"])
     tensors = {t.name: t for t in reader.tensors}
@@ -187,5 +187,5 @@ def test_writer_refuses_a_non_finite_scale(tiny_nq_models, tmp_path):
                            replaces=("blk.0.attn_q",))
     out = tmp_path / "diverged.gguf"
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.nq_s_post has 1 non-finite"):
-        write_nq_gguf(tiny_nq_models["llama"], out, [layer], gguf.GGMLQuantizationType.F32, {})
+        write_nq_gguf(tiny_nq_models["llama"], out, [layer], TensorTypes.every(gguf.GGMLQuantizationType.F32), {})
     assert not out.exists() and not (tmp_path / "diverged.gguf.partial").exists()

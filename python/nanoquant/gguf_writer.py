@@ -67,6 +67,10 @@ class TensorTypes:
     token_embd: GGMLQuantizationType
     output: GGMLQuantizationType
 
+    @classmethod
+    def every(cls, t: GGMLQuantizationType) -> TensorTypes:
+        return cls(other=t, token_embd=t, output=t)
+
     def for_tensor(self, name: str, tied: bool) -> GGMLQuantizationType:
         if is_head(name, tied):
             return self.output
