@@ -16,7 +16,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that
 
 
 def resolve_matmul(setting: str, device: torch.device) -> str:
-    """The ADMM products' dtype for a --admm-matmul setting: auto is bfloat16 on a GPU that has it and on a CPU that
+    """The large products' dtype for a --matmul setting: auto is bfloat16 on a GPU that has it and on a CPU that
     multiplies it natively (there it takes 0.4 of float32's time on ADMM's products; emulated it would be slower)."""
     if setting != MATMUL_AUTO:
         return setting
@@ -34,12 +34,6 @@ class AdmmSettings:
     iterations: int = 400
     power_iterations: int = 5
     ridge: float = 0.03
-    # the dtype of the iteration's large products (the target against a factor's proxy, the proxies' Grams, the
-    # ridge solutions): bfloat16 takes 0.4 of their time where the CPU multiplies it natively (AVX512-BF16, AMX)
-    # and on a GPU; every product accumulates in float32 and the iterates stay float32. On Qwen2.5-Coder-1.5B's
-    # layers at 1.0 bpw, 40 iterations, the D-weighted error was the same to 4 digits (ffn_down 0.58028 in float32,
-    # 0.58030 in bfloat16; attn_q 0.44649, 0.44641). "auto": resolve_matmul
-    matmul: str = "float32"
 
 
 @dataclass
@@ -126,16 +120,23 @@ def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, shift: float, mm=torch.m
 
 
 def factorize(weight: torch.Tensor, rank: int, d_in: torch.Tensor, d_out: torch.Tensor,
-              settings: AdmmSettings = AdmmSettings(), mid_scale: bool = False, seed: int = 0) -> LowRankBinary:
+              settings: AdmmSettings = AdmmSettings(), mid_scale: bool = False, seed: int = 0,
+              matmul: str = "float32") -> LowRankBinary:
     """LB-ADMM on the tall orientation of D_out W D_in, then scale extraction and magnitude balancing; with
-    `mid_scale`, also the per-rank scale s_mid that best fits the preconditioned target."""
+    `mid_scale`, also the per-rank scale s_mid that best fits the preconditioned target.
+
+    matmul: the dtype of the iteration's large products (the target against a factor's proxy, the proxies' Grams,
+    the ridge solutions). bfloat16 takes 0.4 of float32's time where the CPU multiplies it natively (AVX512-BF16,
+    AMX) and on a GPU; every product accumulates in float32 and the iterates stay float32. On Qwen2.5-Coder-1.5B's
+    layers at 1.0 bpw, 40 iterations, the D-weighted error was the same to 4 digits (ffn_down 0.58028 in float32,
+    0.58030 in bfloat16; attn_q 0.44649, 0.44641)."""
     w = weight.detach().float()
     transposed = w.shape[0] < w.shape[1]
     if transposed:  # ADMM always runs on a tall matrix
         w, d_in, d_out = w.T, d_out, d_in
     target = d_out[:, None] * w * d_in[None, :]
     m, n = target.shape
-    low = MATMUL_DTYPES[settings.matmul]
+    low = MATMUL_DTYPES[matmul]
     mm = (lambda x, y: x @ y) if low == torch.float32 else (lambda x, y: (x.to(low) @ y.to(low)).float())  # noqa: E731
     if low == torch.float32:
         target_low, target_t = target, target.T

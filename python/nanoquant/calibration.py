@@ -202,8 +202,13 @@ HEAD = "lm_head"
 @dataclass
 class StatsCollector:
     names: list[str]
+    # the dtype of the passes' products (torch autocast); the moments accumulate in float32 either way
+    matmul: str = "float32"
     inputs: dict[str, RobustSecondMoment] = field(default_factory=dict)
     grads: dict[str, RobustSecondMoment] = field(default_factory=dict)
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.matmul == "bfloat16")
 
     def collect(self, model, blocks, windows: torch.Tensor, scratch: Path) -> dict[str, LinearStats]:
         """Forward and backward the next-token loss over each window (empirical Fisher), one decoder block at a time:
@@ -219,11 +224,13 @@ class StatsCollector:
         n_layers = len(model.model.layers)
         boundary = lambda i: scratch / f"boundary-{i:04d}.pt"  # noqa: E731
         x = data.fp
+        autocast = lambda: self._autocast(x.device)  # noqa: E731
         for i in tqdm(range(n_layers), desc="statistics forward", unit="block"):
             torch.save(x, boundary(i))
             with self._hooks(model, blocks, i, "forward") as block:
-                with torch.no_grad():
-                    x = torch.cat([run_block(block, x[w:w + 1], data.layer_kwargs[i]) for w in range(x.shape[0])])
+                with torch.no_grad(), autocast():
+                    x = torch.cat([run_block(block, x[w:w + 1], data.layer_kwargs[i]).float()
+                                   for w in range(x.shape[0])])
         grads = []
         self.inputs[HEAD], self.grads[HEAD] = RobustSecondMoment(), RobustSecondMoment()
         head = model.lm_head
@@ -232,7 +239,8 @@ class StatsCollector:
         try:
             for w in range(x.shape[0]):  # the loss model(input_ids, labels=input_ids) computes, per window
                 h = x[w:w + 1].clone().requires_grad_(True)
-                logits = logits_from_hidden(model, h).float()
+                with autocast():
+                    logits = logits_from_hidden(model, h).float()
                 torch.nn.functional.cross_entropy(logits[0, :-1], windows[w, 1:]).backward()
                 grads.append(h.grad)
         finally:
@@ -245,7 +253,9 @@ class StatsCollector:
                 g_in = []
                 for w in range(x_in.shape[0]):
                     xi = x_in[w:w + 1].clone().requires_grad_(True)
-                    run_block(block, xi, data.layer_kwargs[i]).backward(g[w:w + 1])
+                    with autocast():
+                        out = run_block(block, xi, data.layer_kwargs[i])
+                    out.backward(g[w:w + 1].to(out.dtype))
                     g_in.append(xi.grad)
                 g = torch.cat(g_in)
             boundary(i).unlink()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import formats, preflight
 from . import ranks as ranks_module
-from .admm import AdmmSettings, LowRankBinary, factorize, relative_error
+from .admm import LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
                             gguf_row_permutation)
 from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, HEAD, CalibrationError, StatsCollector, chat_windows,
@@ -234,7 +234,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
             weight = unit_weight(block, unit).detach().float()
             pre_in, pre_out = unit_preconditioners(stats, prefix + unit, gamma, weight)
             layers[unit] = factorize(weight, ranks[prefix + unit], pre_in, pre_out, settings.admm,
-                                     mid_scale=settings.mid_scale, seed=seed)
+                                     mid_scale=settings.mid_scale, seed=seed, matmul=settings.matmul)
         clock.lap("ADMM")
         biases = {unit: unit_bias(block, unit) for unit in group}
         if data is not None and tune.factor_steps > 0:  # step 3: STE tuning of the new factors' signs and scales
@@ -373,7 +373,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     stats = work.load_stats()
     if stats is None:
         scratch = work.path / "scratch"
-        stats = StatsCollector(linears).collect(model, source.blocks, windows, scratch)
+        stats = StatsCollector(linears, settings.matmul).collect(model, source.blocks, windows, scratch)
         scratch.rmdir()
         work.save_stats(stats)
         print(f"statistics: {time.time() - clock:.0f} s, {peaks.end_stage()}")
@@ -494,7 +494,7 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
     resumed with other distillation settings, on another device, and written with other tensor types."""
     files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
     checkpointed = replace(settings, distill=DistillSettings(), device=DEVICE_AUTO,
-                           admm=replace(settings.admm, matmul=AdmmSettings.matmul),  # the machine's: speed only
+                           matmul=ConvertSettings.matmul,  # the machine's: speed, not the method
                            **{name: getattr(ConvertSettings, name) for name in WRITE_ONLY})
     return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(checkpointed)),
             "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}

@@ -54,6 +54,9 @@ class ConvertSettings:
     token_embd_type: str | None = None
     output_type: str | None = None
     threads: int = 0
+    # the dtype of the large products of ADMM and of the statistics pass (admm.factorize, StatsCollector): "auto"
+    # is bfloat16 where the hardware multiplies it natively (admm.resolve_matmul), which a file records as resolved
+    matmul: str = "float32"
     # where torch computes (statistics, rank allocation, ADMM, block and model reconstruction): "auto" is cuda when
     # torch sees a GPU. Like threads, it is not part of the file's settings record nor of a work folder's identity
     device: str = "auto"
@@ -89,7 +92,7 @@ PRESETS: dict[str, ConvertSettings] = {
     # spread-bound ranks (session 24): 150-chunk PPL 179.27 in 625 s, over the 10 minutes; ADMM and distillation were
     # the stages measured to pay most, so the STE steps went to 20
     "fast": ConvertSettings(
-        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=40, matmul=MATMUL_AUTO),
+        calib_windows=16, calib_window_tokens=512, admm=AdmmSettings(iterations=40), matmul=MATMUL_AUTO,
         tune=TuneSettings(dense_steps=0, factor_steps=20, batch_windows=1, scope="block"),
         distill=DistillSettings(steps=40, lr=1e-2), effort_bpw=1.0),
     # standard: SmolLM2 at 1.0 bpw, 150-chunk PPL (F32 22.26), Zen 5, 2 cores: ADMM 60 / distill 70 (uniform ranks,
@@ -98,7 +101,7 @@ PRESETS: dict[str, ConvertSettings] = {
     # the calibration draw: seeds 0 and 1 gave 121.96 / 124.83 (2% apart) where 32 windows gave 124.13 / 155.47 (25%),
     # in 1,703 / 1,775 s
     "standard": ConvertSettings(
-        calib_windows=64, calib_window_tokens=512, admm=AdmmSettings(iterations=120, matmul=MATMUL_AUTO),
+        calib_windows=64, calib_window_tokens=512, admm=AdmmSettings(iterations=120), matmul=MATMUL_AUTO,
         tune=TuneSettings(dense_steps=20, factor_steps=100, batch_windows=1, scope="block"),
         distill=DistillSettings(steps=100, lr=1e-2), effort_bpw=1.0),
     # the reference's schedule (spec 3.5/3.6): per-layer tuning, 8 epochs over 128 windows of 2048 tokens
@@ -118,7 +121,7 @@ RANK_BOUND_STEPS = ("admm.iterations", "tune.factor_steps")
 
 def resolved(settings: ConvertSettings, device: torch.device) -> ConvertSettings:
     """The settings with every "auto" that depends on the machine decided for `device`: what the file records."""
-    return with_value(settings, "admm.matmul", resolve_matmul(settings.admm.matmul, device))
+    return replace(settings, matmul=resolve_matmul(settings.matmul, device))
 
 
 def torch_device(setting: str) -> torch.device:
@@ -169,9 +172,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("--calib-windows", "calib_windows", int, "number of calibration windows"),
     Option("--calib-window-tokens", "calib_window_tokens", int, "tokens per calibration window"),
     Option("--admm-iterations", "admm.iterations", int, "ADMM outer iterations"),
-    Option("--admm-matmul", "admm.matmul", str,
-           "dtype of ADMM's large products: auto (bfloat16 on a GPU and on a CPU with AVX512-BF16 or AMX), float32 "
-           "or bfloat16", choices=(MATMUL_AUTO, *MATMUL_DTYPES)),
     Option("--shrinkage", "shrinkage", float, "Hessian-diagonal shrinkage (default: per family)"),
     Option("--dense-steps", "tune.dense_steps", int, "block tuning steps of the still-dense layers"),
     Option("--factor-steps", "tune.factor_steps", int, "STE tuning steps of the factorised layers"),
@@ -210,6 +210,10 @@ OPTIONS: tuple[Option, ...] = (
            "ggml type of the output head, quantised with the calibration's importance matrix (as llama-quantize's "
            "option; default: --other-type)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
+    Option("--matmul", "matmul", str,
+           "dtype of the large products of ADMM and of the statistics pass: auto (bfloat16 on a GPU and on a CPU with "
+           "AVX512-BF16 or AMX), float32 or bfloat16 (accumulated in float32 either way)",
+           choices=(MATMUL_AUTO, *MATMUL_DTYPES)),
     Option("--device", "device", str, "where torch computes every stage: auto (cuda when torch sees a GPU), cpu or cuda",
            choices=DEVICES),
 )

@@ -1,0 +1,68 @@
+"""bfloat16 products (--matmul): ADMM and the statistics pass give what float32 gives, within stated bounds, and "auto"
+picks bfloat16 only where the hardware multiplies it natively."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoquant import admm
+from nanoquant.admm import AdmmSettings, factorize, relative_error, resolve_matmul
+from nanoquant.settings import PRESETS, ConvertSettings, resolved
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    cpu = torch.device("cpu")
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f\n")
+    assert resolve_matmul("auto", cpu) == "float32"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert resolve_matmul("auto", cpu) == "bfloat16"
+    assert resolve_matmul("float32", cpu) == "float32" and resolve_matmul("bfloat16", cpu) == "bfloat16"
+    # what a file records is the resolved value, never "auto"
+    assert resolved(PRESETS["fast"], cpu).matmul == "bfloat16" and ConvertSettings().matmul == "float32"
+
+
+@pytest.mark.parametrize("shape,rank", [((256, 96), 64), ((96, 320), 32)])
+def test_admm_in_bfloat16_fits_as_well_as_in_float32(shape, rank):
+    torch.manual_seed(0)
+    weight = torch.randn(*shape) * torch.rand(shape[1]) * 3  # columns of unequal size, as real weights have
+    d_in, d_out = torch.rand(shape[1]) + 0.5, torch.rand(shape[0]) + 0.5
+    errors = {}
+    for dtype in admm.MATMUL_DTYPES:
+        layer = factorize(weight, rank, d_in, d_out, AdmmSettings(iterations=30), matmul=dtype)
+        assert set(layer.u.unique().tolist()) <= {-1.0, 1.0} and torch.isfinite(layer.s_pre).all()
+        errors[dtype] = relative_error(d_out[:, None] * weight * d_in, d_out[:, None] * layer.dense() * d_in)
+    assert abs(errors["bfloat16"] - errors["float32"]) < 0.01, errors
+
+
+def test_statistics_in_bfloat16_are_the_float32_moments(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nanoquant.calibration import HEAD, StatsCollector
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=300))
+    model.requires_grad_(False)
+
+    class InMemory:  # the blocks are already in the model
+        def load(self, model, i):
+            pass
+
+        def release(self, model, i):
+            pass
+
+    windows = torch.randint(0, 300, (3, 48))
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "mlp.down_proj")]
+    moments = {dtype: StatsCollector(names, dtype).collect(model, InMemory(), windows, tmp_path / dtype)
+               for dtype in admm.MATMUL_DTYPES}
+    for name in [*names, HEAD]:
+        for field in ("input_moment", "output_moment"):
+            a, b = (getattr(moments[d][name], field) for d in admm.MATMUL_DTYPES)
+            assert ((a - b).norm() / a.norm()) < 0.05, (name, field)
