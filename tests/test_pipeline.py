@@ -167,9 +167,9 @@ def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
 
 
 def test_rank_bound_steps_follow_the_cost_of_the_ranks():
-    """Presets are sized for 1.0 bpw; at another bpw ADMM and STE get steps (those the user did not set) in inverse
+    """Presets are sized for 1.0 bpw; below it ADMM and STE get steps (those the user did not set) in inverse
     proportion to the ranks' per-token cost, at most MAX_STEP_GROWTH times as many, so the time stays about that of
-    1.0 bpw."""
+    1.0 bpw; above it they keep the preset's counts (more bits never get less optimisation)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -187,15 +187,20 @@ def test_rank_bound_steps_follow_the_cost_of_the_ranks():
     ratio = cost(1.0) / cost(2.0)
     assert 0.45 < ratio < 0.5  # no rank capped at min(m, n) any more
 
+    steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
+
     def settings(*args):
         return rank_scaled_settings(settings_from_args(build_parser().parse_args(["m.gguf", "--outfile", "o.gguf",
                                                                                     *args])), block, arch)
     s = settings("--bpw", "2.0", "--preset", "standard", "--factor-steps", "100")
     standard = PRESETS["standard"]
-    assert s.admm.iterations == round(standard.admm.iterations * ratio)
+    assert s.admm.iterations == standard.admm.iterations  # not round(... * ratio): never fewer at more bits
+    for preset in ("fast", "standard"):
+        more = [steps(settings("--bpw", str(bpw), "--preset", preset)) for bpw in (0.55, 1.0, 1.5, 2.0)]
+        assert all(a[:2] >= b[:2] for a, b in zip(more, more[1:])), more  # never rising as bits fall
+        assert more[-1] == steps(PRESETS[preset])
     assert s.distill.steps == standard.distill.steps  # a distillation step runs the whole model: not rank-bound
     assert s.tune.factor_steps == 100 and s.tune.dense_steps == 20  # set by the user; not rank-bound
-    steps = lambda s: (s.admm.iterations, s.tune.factor_steps, s.distill.steps)  # noqa: E731
     as_sized = steps(standard)
     assert steps(settings("--bpw", "1.0", "--preset", "standard")) == as_sized
     low = settings("--bpw", "0.55", "--preset", "standard")  # ranks at 0.55 cost about half: up to twice the steps

@@ -82,8 +82,9 @@ def value_at(settings, path: str):
 
 
 # Presets, sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README).
-# effort_bpw: the step counts are sized for this bpw; at another bpw the rank-bound stages get steps in proportion
-# to the ranks' cost (see convert.rank_scaled_settings), so every bpw costs about the same time.
+# effort_bpw: the step counts are sized for this bpw; below it the rank-bound stages get more steps in inverse
+# proportion to the ranks' cost, so a lower bpw costs about the same time; above it they keep these counts and take
+# longer (see convert.rank_scaled_settings).
 PRESETS: dict[str, ConvertSettings] = {
     # fast: ADMM iterations and distillation steps pay most. SmolLM2 at 1.0 bpw, 40-chunk PPL (F32 22.50), Zen 5,
     # 2 cores: ADMM 20 / distill 20: 343 in 399 s; ADMM 20 / distill 40: 306; ADMM 40 / distill 40: 210.5 in 494 s;
