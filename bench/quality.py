@@ -165,11 +165,17 @@ class Profile:
 # real size; its 2-bit and smaller types (Q2_K too) get the imatrix, as a user makes them
 _QWEN15_ROWS = ("F32", "Q8_0", "Q4_K_M", "Q4_0", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q1_0", "TQ1_0", "NQ 2.0",
                 "NQ 1.0", "NQ 0.55", "NQ 1.0 (fast preset)")
+# the token embedding's and the head's types, on the fast 1.0 conversion (written from its kept work folder)
+_TYPE_ROWS = tuple(
+    Row(f"ablation 1.0 (fast preset): embedding {embd}, head {head}", "nq", bpw=1.0,
+        converter_args=("--preset", "fast", "--token-embedding-type", embd, "--output-tensor-type", head),
+        note=f"the NQ 1.0 (fast preset) conversion with the token embedding in {embd} and the output head in {head}")
+    for embd, head in (("Q8_0", "Q8_0"), ("Q2_K", "Q5_K"), ("Q2_K", "Q4_K"), ("Q2_K", "Q2_K")))
 PROFILES = {
     "SmolLM2-135M-Instruct": Profile(150, tuple(ROWS)),
     "Qwen2.5-Coder-1.5B-Instruct": Profile(40, tuple(
         replace(ROW_NAMES[n], imatrix=True) if ROW_NAMES[n].llama_type in ("Q2_K", "Q1_0") else ROW_NAMES[n]
-        for n in _QWEN15_ROWS)),
+        for n in _QWEN15_ROWS) + _TYPE_ROWS),
 }
 
 
@@ -226,11 +232,34 @@ def run(cmd: list, what: str, peak: dict | None = None) -> str:
     return text
 
 
+def conversion_args(row: Row, preset: str) -> list[str]:
+    return ["--bpw", str(row.bpw), "--preset", preset, *row.converter_args]
+
+
+def work_key(args: list[str]) -> str:
+    """The work folder of a conversion: a digest of the settings it resolves to, leaving out those that only decide
+    how the file is written (tensor types), so a row that differs from another in those alone is written from the
+    other's kept folder in a minute (the converter checks the folder's identity itself)."""
+    from nanoquant.settings import WRITE_ONLY
+
+    record = json.loads(settings_record(settings_from_args(build_parser().parse_args(
+        ["model", "--outfile", "out.gguf", *args]))))
+    for name in WRITE_ONLY:
+        record.pop(name, None)
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def converter_seconds(model: Path) -> float | None:
     """The conversion time the NanoQuant converter reported in the log next to its file ("wrote ... in N s")."""
     log = model.with_suffix(".log")
     found = re.search(r"\) in (\d+) s, peak RSS", log.read_text()) if log.is_file() else None
     return float(found.group(1)) if found else None
+
+
+def written_from_checkpoint(model: Path) -> bool:
+    """Whether the converter wrote the file from a kept work folder's finished layers (other tensor types only)."""
+    log = model.with_suffix(".log")
+    return log.is_file() and "after model reconstruction are checkpointed" in log.read_text()
 
 
 def converter_peak_mib(model: Path) -> float | None:
@@ -444,8 +473,11 @@ class Bench:
                 peak)
             finish(out)
         elif row.kind == "nq":
+            args = conversion_args(row, self.preset)
+            work = self.dir / f"work-{work_key(args)}"  # kept: rows that differ in tensor types only share it
+            resume = ["--resume"] if (work / "manifest.json").is_file() else []
             log = run([sys.executable, REPO / "convert/convert-hf-to-nq-gguf.py", self.model, "--outfile", out,
-                       "--bpw", row.bpw, "--preset", self.preset, "--threads", self.threads, *row.converter_args],
+                       "--threads", self.threads, *args, "--work-dir", work, "--keep-work", *resume],
                       f"NanoQuant converter ({row.method})")
             out.with_suffix(".log").write_text(log)  # stage timings, losses and peak RSS of the conversion
         elif row.kind == "sign":
@@ -538,7 +570,12 @@ class Bench:
 
     def evaluate(self, row: Row) -> dict:
         path, seconds, peak_mib = self.build(row)
-        if row.kind == "nq":  # the converter's own clock, from its log: also right when a file is re-made to time it
+        key = work_key(conversion_args(row, self.preset)) if row.kind == "nq" else None
+        if row.kind == "nq" and written_from_checkpoint(path):  # another row's conversion, written again: its cost
+            made = next((r for r in self.rows if r.get("work_key") == key and r.get("convert_s") is not None
+                         and not r.get("written_from_checkpoint")), {})
+            seconds, peak_mib = made.get("convert_s"), made.get("peak_rss_mib")
+        elif row.kind == "nq":  # the converter's own clock, from its log: also right when a file is re-made to time it
             seconds = converter_seconds(path) or seconds
             peak_mib = converter_peak_mib(path) or peak_mib
         digest = sha256(path)
@@ -579,7 +616,8 @@ class Bench:
                   "ref_protocol": REF_PROTOCOL if row.kind == "nq" else None, **self.chat(path),
                   **self.answers(path), "sha256": digest, "protocol": self.protocol, "note": row.note,
                   "machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-                  "command": bench_command(self.model, row),
+                  "command": bench_command(self.model, row), "work_key": key,
+                  "written_from_checkpoint": row.kind == "nq" and written_from_checkpoint(path),
                   "conversion_settings": info.conversion_settings}  # NQ files record how they were made
         self.rows = [r for r in self.rows if r["method"] != row.method] + [result]
         self.save()
