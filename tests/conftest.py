@@ -78,7 +78,7 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0, n_layers
         "qwen2": lambda: Qwen2Config(**common),
         "qwen3": lambda: Qwen3Config(**common),
         "mistral": lambda: MistralConfig(**common),
-        "gemma3": lambda: Gemma3TextConfig(**common, sliding_window=64),
+        "gemma3": lambda: Gemma3TextConfig(**common, sliding_window=64, query_pre_attn_scalar=32),  # = head_dim, as llama.cpp assumes
         "gpt2": lambda: GPT2Config(n_embd=96, n_layer=2, n_head=3, vocab_size=len(tokenizer)),
     }
     torch.manual_seed(seed)

@@ -118,7 +118,7 @@ def _tiny_llama_folder(tmp_path, smol_tokenizer):
 
 
 @pytest.mark.parametrize("case", ["bpw-zero", "bpw-high", "windows", "window-tokens", "chat-share", "steps", "lr",
-                                  "outfile-folder", "no-tokenizer", "missing-shard", "bad-config"])
+                                  "outfile-folder", "no-tokenizer", "missing-shard", "bad-config", "query-scale"])
 def test_converter_refuses_bad_input_before_any_work(case, tmp_path, smol_tokenizer):
     """Each bad input: exit 2 in seconds, one line naming the argument or file, no output, no work folder."""
     import json
@@ -138,6 +138,7 @@ def test_converter_refuses_bad_input_before_any_work(case, tmp_path, smol_tokeni
         "no-tokenizer": ([], "no tokenizer"),
         "missing-shard": ([], "safetensors shards"),
         "bad-config": ([], "config.json"),
+        "query-scale": ([], "query_pre_attn_scalar 256"),
     }[case]
     if case == "outfile-folder":
         out.mkdir(parents=True)
@@ -150,6 +151,10 @@ def test_converter_refuses_bad_input_before_any_work(case, tmp_path, smol_tokeni
         (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     if case == "bad-config":
         (hf / "config.json").write_text("{not json")
+    if case == "query-scale":  # a Gemma 3 config whose attention scale llama.cpp's graph would not use (head_dim 32)
+        config = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**config, "model_type": "gemma3_text",
+                                                    "query_pre_attn_scalar": 256}))
     start = time.time()
     proc = run_converter(hf, "--outfile", out, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -90,6 +90,26 @@ def architecture_for(model_type: str) -> Architecture:
             f"model_type '{model_type}' is not supported (supported: {supported})") from None
 
 
+def llama_cpp_query_pre_attn_scalar(model_type: str, config: dict) -> int | None:
+    """The query_pre_attn_scalar llama.cpp's Gemma 3 graph uses, which no GGUF key carries: hidden / heads for its
+    62-block (27B) model, the head dimension for every other; None for the families without one."""
+    if model_type != "gemma3_text":
+        return None
+    if config.get("num_hidden_layers") == 62:
+        return config["hidden_size"] // config["num_attention_heads"]  # integral in every released config
+    return int(config.get("head_dim") or 256)  # Gemma3TextConfig's default head_dim
+
+
+def check_llama_cpp_agrees(model_type: str, config: dict) -> None:
+    """Refuse a model whose config says what llama.cpp's graph of its family would compute differently."""
+    expected = llama_cpp_query_pre_attn_scalar(model_type, config)
+    actual = config.get("query_pre_attn_scalar", 256)  # Gemma3TextConfig's default
+    if expected is not None and actual != expected:
+        raise UnsupportedArchitecture(
+            f"query_pre_attn_scalar {actual}: llama.cpp scales a {model_type} model's queries by "
+            f"1/sqrt({expected}) whatever the config says, so the converted file would not compute this model")
+
+
 def rope_row_permutation(n_rows: int, n_head: int) -> np.ndarray:
     """Index array p with gguf_rows = hf_rows[p], as llama.cpp's LlamaModel.permute reorders q/k output rows."""
     head_dim = n_rows // n_head

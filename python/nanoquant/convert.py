@@ -28,8 +28,8 @@ from tqdm import tqdm
 from . import formats, preflight
 from . import ranks as ranks_module
 from .admm import LowRankBinary, factorize, relative_error
-from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for, gguf_base_name,
-                            gguf_row_permutation)
+from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for,
+                            check_llama_cpp_agrees, gguf_base_name, gguf_row_permutation)
 from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, HEAD, CalibrationError, StatsCollector, chat_windows,
                           read_conversations, read_instructions, shrink, teacher_conversations, text_windows,
                           window_bos)
@@ -88,9 +88,14 @@ def _model_type(model_path: Path) -> str:
         config_path = model_path / "config.json"
         if not config_path.is_file():
             raise ConversionError(f"{model_path}: not a Hugging Face model folder (no config.json)")
-        model_type = json.loads(config_path.read_text()).get("model_type")
+        config = json.loads(config_path.read_text())
+        model_type = config.get("model_type")
         if model_type is None:
             raise ConversionError(f"{config_path}: has no model_type")
+        try:
+            check_llama_cpp_agrees(model_type, config)
+        except UnsupportedArchitecture as e:
+            raise ConversionError(f"{config_path}: {e}") from None
         return model_type
     if model_path.is_file():
         try:

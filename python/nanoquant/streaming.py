@@ -135,7 +135,7 @@ def gguf_config(path: Path, reader):
     """transformers' config of a GGUF, with what its GGUF mapping drops put back."""
     from transformers import AutoConfig
 
-    from .architectures import architecture_for
+    from .architectures import architecture_for, llama_cpp_query_pre_attn_scalar
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -144,6 +144,9 @@ def gguf_config(path: Path, reader):
     if key_length is not None:  # an explicit head_dim (qwen3's is not hidden / heads)
         config.head_dim = int(key_length.contents())
     config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    scalar = llama_cpp_query_pre_attn_scalar(config.model_type, config.to_dict())
+    if scalar is not None:  # transformers' GGUF mapping leaves the config's default; llama.cpp's graph decides
+        config.query_pre_attn_scalar = scalar
     return config, arch
 
 
