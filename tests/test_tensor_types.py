@@ -74,3 +74,39 @@ def test_an_imatrix_type_is_refused_for_the_embedding_before_any_work(untied_lla
 def test_rows_a_type_does_not_divide_fall_back_as_llama_quantize_does(target, cols, expected):
     assert fitting_type(target, cols) == expected
     assert set(ROW_FALLBACK.values()) <= {T.IQ4_NL, T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0}
+
+
+def test_the_output_head_as_a_nanoquant_layer_runs_in_llama_cpp_as_in_the_reference(untied_llama, tmp_path, eval_text):
+    """--nq-head: the head's rank comes out of the same budget, llama.cpp multiplies it as it does the decoder's
+    layers, and its perplexity is the Python reference forward's."""
+    from conftest import llama_perplexity
+    from nanoquant.fileinfo import decoder_linear_bits, describe
+    from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity, perplexity_tokens
+
+    out = tmp_path / "nq-head.gguf"
+    proc = run_converter(untied_llama, "--outfile", out, *TINY_METHOD_ARGS, "--nq-head", "on")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "output head: rank" in proc.stdout
+    types = tensor_types(out)
+    assert "output.weight" not in types and types["output.nq_v"] == types["output.nq_u"]
+    info = describe(out)
+    head = next(l for l in info.layers if l.base == "output")
+    bits, weights = decoder_linear_bits(out)  # bpw_linear counts the decoder's layers only
+    assert head.d_out == 49152 and head.d_in == 256 and weights == 2 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 256 * 512)
+    assert (bits + head.bits) / (weights + head.d_out * head.d_in) <= 1.0 * 1.02  # one budget for both
+    ppl_cpp = llama_perplexity(out, eval_text, 128, 2)
+    model, tokenizer, _ = load_reference_model(out)
+    add_bos = gguf_add_bos(open_gguf(out))
+    tokens = perplexity_tokens(tokenizer, eval_text.read_text(encoding="utf-8"), add_bos)
+    ppl_py = perplexity(model, tokens, 128, 2, tokenizer.bos_token_id if add_bos else None)
+    assert abs(ppl_cpp - ppl_py) / ppl_py < 0.01, (ppl_cpp, ppl_py)
+
+
+def test_a_tied_head_is_refused_as_a_nanoquant_layer(tmp_path, smol_tokenizer):
+    from conftest import make_tiny_model
+
+    hf = make_tiny_model("llama", tmp_path / "hf", smol_tokenizer)  # ties its head to the embedding
+    out = tmp_path / "nq.gguf"
+    proc = run_converter(hf, "--outfile", out, *TINY_METHOD_ARGS, "--nq-head", "on")
+    assert proc.returncode == 2 and "--nq-head on" in proc.stderr and "ties its output head" in proc.stderr
+    assert not out.exists()

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .units import HEAD
+
 # the calibration data: a wheel carries its own copy (pyproject's wheel.force-include), a checkout reads data/
 _WHEEL_DATA = Path(__file__).resolve().parent / "data"
 DATA_DIR = _WHEEL_DATA if _WHEEL_DATA.is_dir() else Path(__file__).resolve().parents[2] / "data"
@@ -194,9 +196,9 @@ class LinearStats:
         return d_in, d_out
 
 
-# the output head's statistics are kept beside the decoder linears': its input moments are the importance matrix
-# (llama.cpp's imatrix: E[x_j^2] per input column) with which the head is quantised to a K- or I-quant
-HEAD = "lm_head"
+# the output head's statistics (units.HEAD) are kept beside the decoder linears': its input moments are the
+# importance matrix (llama.cpp's imatrix: E[x_j^2] per input column) with which the head is quantised to a K- or
+# I-quant, and both moments precondition it as a NanoQuant layer (--nq-head)
 
 
 @dataclass

@@ -3,7 +3,8 @@ continues with `--resume` and writes the same bytes.
 
 Layout: manifest.json (what is being converted, with which settings), chat.jsonl (the calibration conversations
 the teacher answered), stats.pt, ranks.json, block-NNNN.pt (the factorised layers of one finished block, signs packed),
-stream.pt (the block-boundary activations after the last finished block), final.pt (the file's NanoQuant tensors after
+stream.pt (the block-boundary activations after the last finished block), head.pt (the output head's factors with
+--nq-head), final.pt (the file's NanoQuant tensors after
 model reconstruction, so that a kept folder writes the file again without computing).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
 """
@@ -117,23 +118,22 @@ class WorkFolder:
 
     def save_block(self, index: int, layers: dict[str, tuple[LowRankBinary, torch.Tensor | None]],
                    reports: list, stream: dict) -> None:
-        payload = {
-            "layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": _host(layer.s_pre),
-                              "s_post": _host(layer.s_post), "s_mid": _host(layer.s_mid), "bias": _host(bias)}
-                       for name, (layer, bias) in layers.items()},
-            "reports": reports,
-        }
-        _atomic_save(payload, self._block_path(index))
+        _atomic_save(_layers_payload(layers, reports), self._block_path(index))
         _atomic_save({**{k: _host(t) for k, t in stream.items()}, "after_block": index}, self.path / "stream.pt")
 
     def load_block(self, index: int) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
-        payload = torch.load(self._block_path(index), weights_only=False)
-        layers = {}
-        for name, t in payload["layers"].items():
-            u, v = _unpack(t["u"]), _unpack(t["v"])
-            layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v,
-                                          s_mid=t["s_mid"]), t["bias"])
-        return layers, payload["reports"]
+        return _layers_from(torch.load(self._block_path(index), weights_only=False))
+
+    def save_head(self, layer: LowRankBinary, report) -> None:
+        """The output head's factors (--nq-head), made after the last block."""
+        _atomic_save(_layers_payload({"head": (layer, None)}, [report]), self.path / "head.pt")
+
+    def load_head(self) -> tuple[LowRankBinary, object] | None:
+        path = self.path / "head.pt"
+        if not path.is_file():
+            return None
+        layers, reports = _layers_from(torch.load(path, weights_only=False))
+        return layers["head"][0], reports[0]
 
     def load_stream(self) -> dict:
         return torch.load(self.path / "stream.pt", weights_only=False)
@@ -155,6 +155,22 @@ class WorkFolder:
         tensors = [make(**{**t, "u": formats.unpack_signs(t["u"]["bits"], t["u"]["cols"]),
                            "v": formats.unpack_signs(t["v"]["bits"], t["v"]["cols"])}) for t in payload["tensors"]]
         return tensors, payload["reports"]
+
+
+def _layers_payload(layers: dict[str, tuple[LowRankBinary, torch.Tensor | None]], reports: list) -> dict:
+    return {"layers": {name: {"u": _pack(layer.u), "v": _pack(layer.v), "s_pre": _host(layer.s_pre),
+                              "s_post": _host(layer.s_post), "s_mid": _host(layer.s_mid), "bias": _host(bias)}
+                       for name, (layer, bias) in layers.items()},
+            "reports": reports}
+
+
+def _layers_from(payload: dict) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
+    layers = {}
+    for name, t in payload["layers"].items():
+        u, v = _unpack(t["u"]), _unpack(t["v"])
+        layers[name] = (LowRankBinary(u=u, v=v, s_pre=t["s_pre"], s_post=t["s_post"], u_latent=u, v_latent=v,
+                                      s_mid=t["s_mid"]), t["bias"])
+    return layers, payload["reports"]
 
 
 def file_identity(path: Path) -> dict:

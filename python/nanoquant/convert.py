@@ -30,7 +30,7 @@ from . import ranks as ranks_module
 from .admm import LowRankBinary, factorize, relative_error
 from .architectures import (GGUF_MODEL_TYPES, Architecture, UnsupportedArchitecture, architecture_for,
                             check_llama_cpp_agrees, gguf_base_name, gguf_row_permutation)
-from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, HEAD, CalibrationError, StatsCollector, chat_windows,
+from .calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, StatsCollector, chat_windows,
                           read_conversations, read_instructions, shrink, teacher_conversations, text_windows,
                           window_bos)
 from .checkpoint import CheckpointError, WorkFolder, as_jsonable, file_identity
@@ -42,8 +42,8 @@ from .reconstruct import (RECOMPUTE_ABOVE_BYTES, BlockData, BlockLoss, DistillSe
 from .settings import (CHAT_AUTO, CHAT_NONE, DEFAULT_PRESET, DEVICE_AUTO, PRESETS, WRITE_ONLY, ConvertSettings,
                        add_options, resolved, settings_from_args, torch_device)
 from .streaming import GGUFBlocks, SafetensorsBlocks, open_gguf_skeleton, open_skeleton, place_skeleton
-from .units import (install_unit, member_names, unit_bias, unit_module, unit_preconditioners, unit_rows, unit_shape,
-                    unit_weight)
+from .units import (HEAD, install_unit, member_names, unit_bias, unit_module, unit_preconditioners, unit_rows,
+                    unit_shape, unit_weight)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_DIR = Path(os.environ.get("NANOQUANT_LLAMA_CPP", REPO_ROOT / "vendor" / "llama.cpp"))
@@ -351,10 +351,15 @@ def allocate_ranks(model, source: Source, stats, names: list[str], settings: Con
                 weighted = pre_out[:, None] * weight * pre_in[None, :]
                 curves[name] = ranks_module.error_curve(torch.linalg.svdvals(weighted).cpu())
             source.blocks.release(model, i)
+        if HEAD in names:  # the head is outside the blocks, always in memory
+            weight = unit_weight(model, HEAD).detach().float()
+            pre_in, pre_out = unit_preconditioners(stats, HEAD, gamma, weight)
+            curves[HEAD] = ranks_module.error_curve(
+                torch.linalg.svdvals(pre_out[:, None] * weight * pre_in[None, :]).cpu())
         ranks = ranks_module.sensitivity_ranks(layers, settings.bpw, curves, settings.rank_spread)
     by_type: dict[str, list[int]] = {}
     for name, rank in ranks.items():
-        by_type.setdefault(name.split(".", 3)[3], []).append(rank)
+        by_type.setdefault(name.split(".", 3)[-1], []).append(rank)
     spread = ", ".join(f"{t.split('.')[-1]} {min(r)}-{max(r)}" for t, r in by_type.items())
     realized = ranks_module.realized_bpw(layers, ranks)
     floor = " (rank 32, the floor, in every layer)" if realized > settings.bpw else ""
@@ -372,6 +377,11 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
     settings = rank_scaled_settings(settings, model.model.layers[0], arch)
     n_layers = config.num_hidden_layers
     names = [f"model.layers.{i}.{unit}" for i in range(n_layers) for unit in arch.units(settings.shared_v)]
+    if settings.nq_head:
+        if getattr(config, "tie_word_embeddings", False):
+            raise ConversionError(f"--nq-head on: {source.path} ties its output head to the token embedding, which "
+                                  "llama.cpp reads as a table; a model with a head of its own is needed")
+        names.append(HEAD)
     linears = [f"model.layers.{i}.{linear}" for i in range(n_layers) for linear in arch.linears]
     device = source.blocks.device
     windows = calibration(source, settings, work).to(device)
@@ -409,7 +419,9 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
 
     reports: list[LayerReport] = []
     clock = time.time()
-    progress = tqdm(total=len(names), desc="quantize", unit="layer", initial=first * len(names) // n_layers)
+    in_blocks = [name for name in names if name != HEAD]
+    progress = tqdm(total=len(in_blocks), desc="quantize", unit="layer",
+                    initial=first * len(in_blocks) // n_layers)
     for i in range(n_layers):
         source.blocks.load(model, i)  # the dense block (norms stay; factorised linears replace the rest)
         if i < first:  # finished by an earlier run
@@ -426,11 +438,21 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         del layers
     progress.close()
     print(f"blocks: {time.time() - clock:.0f} s, {peaks.end_stage()}")
+    teacher_head = None
+    if HEAD in names:  # after the blocks: no block reconstruction; distillation tunes its scales with the others
+        teacher_head = model.lm_head
+        clock = time.time()
+        layer, report = work.load_head() or quantize_head(model, stats, ranks[HEAD], source.arch, settings, work)
+        install_unit(model, HEAD, FrozenLowRankBinary(layer, None).to(device))
+        reports.append(report)
+        print(f"output head: rank {ranks[HEAD]}, D-weighted error {report.weighted_error:.4f}, "
+              f"in {time.time() - clock:.0f} s, {peaks.end_stage()}")
     if settings.distill.steps > 0:  # model reconstruction of the scales against the teacher's logits
         clock = time.time()
         recompute = _distill_recompute(settings.distill.recompute, model.model.layers, data)
         fixed = fixed_log_windows(windows.shape[0])
-        result = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed, fixed)
+        result = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed, fixed,
+                                teacher_head)
         print(f"scale distillation: KL on {len(fixed)} fixed windows {result.kl_before:.4f} "
               f"-> {result.kl_after:.4f}"
               f"{' (not lower: the scales before distillation are kept)' if result.reverted else ''}, "
@@ -439,6 +461,20 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
                               unit_module(model, name).bias, unit_rows(model, name)) for name in names]
     work.save_final(tensors, reports, final_key)
     return tensors, reports, settings, head_imatrix
+
+
+def quantize_head(model, stats, rank: int, arch: Architecture, settings: ConvertSettings,
+                  work: WorkFolder) -> tuple[LowRankBinary, LayerReport]:
+    """The output head's factors by the same Hessian-aware ADMM (D_in: the mean square of its inputs, D_out: of the
+    loss gradient at the logits), checkpointed in the work folder."""
+    gamma = arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+    weight = unit_weight(model, HEAD).detach().float()
+    pre_in, pre_out = unit_preconditioners(stats, HEAD, gamma, weight)
+    layer = factorize(weight, rank, pre_in, pre_out, settings.admm, mid_scale=settings.mid_scale, seed=settings.seed,
+                      matmul=settings.matmul)
+    report = _layer_report(HEAD, weight, layer, pre_in, pre_out)
+    work.save_head(layer, report)
+    return layer, report
 
 
 def _distill_recompute(setting: str, blocks, data: BlockData) -> bool:
@@ -461,7 +497,7 @@ def _to_file_order(arch, config, n_layers, name, layer: LowRankBinary, bias: tor
     bounds = np.cumsum([0, *rows])
     order, biases, replaces = [], {}, []
     for member, start, stop in zip(member_names(name), bounds[:-1], bounds[1:]):
-        perm = gguf_row_permutation(arch, member.split(".", 3)[3], int(stop - start), config)
+        perm = gguf_row_permutation(arch, member.split(".", 3)[-1], int(stop - start), config)
         rows_in_file = np.arange(start, stop) if perm is None else start + perm
         order.append(rows_in_file)
         base = gguf_base_name(arch, n_layers, member)

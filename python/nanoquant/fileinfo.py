@@ -103,7 +103,7 @@ DECODER_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_qkv|attn_outp
 def _decoder_linears(path: Path) -> list[tuple[str, int, int, int]]:
     """(base, d_out, d_in, bits) of every decoder linear layer, dense or NanoQuant, counted from the file."""
     info = describe(path)
-    found = [(l.base, l.d_out, l.d_in, l.bits) for l in info.layers]
+    found = [(l.base, l.d_out, l.d_in, l.bits) for l in info.layers if DECODER_LINEAR.search(l.base)]
     for t in open_gguf(path).tensors:
         base, _, suffix = t.name.rpartition(".")
         if suffix == "weight" and DECODER_LINEAR.search(base):

@@ -158,10 +158,11 @@ def recomputed_in_backward(blocks):
             del block.forward  # the class's forward again
 
 
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits from its last decoder block's output: final norm, head, and a final soft-cap if the
-    family has one. Norm and head are never quantised, so the student's own are the teacher's."""
-    logits = model.lm_head(model.model.norm(hidden))
+def logits_from_hidden(model, hidden: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """The model's logits from its last decoder block's output: final norm, head (`head` in place of the model's
+    own, where given), and a final soft-cap if the family has one. The norm is never quantised; the head is only
+    with --nq-head, and then the teacher's logits take the dense head as `head`."""
+    logits = (head or model.lm_head)(model.model.norm(hidden))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -175,45 +176,50 @@ class DistillResult:
     reverted: bool = False    # the steps raised the fixed windows' KL, so the scales went back to where they were
 
 
-def _forward_kl(student, teacher_hidden: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def _forward_kl(student, teacher_hidden: torch.Tensor, window: torch.Tensor,
+                teacher_head: torch.nn.Module | None = None) -> torch.Tensor:
     """KL(teacher || student) at T = 1 on one window, averaged over its tokens."""
     with torch.no_grad():
-        log_p = torch.log_softmax(logits_from_hidden(student, teacher_hidden).float(), -1)
+        log_p = torch.log_softmax(logits_from_hidden(student, teacher_hidden, teacher_head).float(), -1)
     log_q = torch.log_softmax(student(input_ids=window[None], use_cache=False).logits.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def fixed_windows_kl(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, fixed: torch.Tensor) -> float:
+def fixed_windows_kl(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, fixed: torch.Tensor,
+                     teacher_head: torch.nn.Module | None = None) -> float:
     with torch.no_grad():
-        return sum(float(_forward_kl(student, teacher_hidden[i:i + 1], windows[i])) for i in fixed.tolist()) / len(fixed)
+        return sum(float(_forward_kl(student, teacher_hidden[i:i + 1], windows[i], teacher_head))
+                   for i in fixed.tolist()) / len(fixed)
 
 
 def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, settings: DistillSettings,
-                   recompute: bool = False, seed: int = 0, fixed: torch.Tensor | None = None) -> DistillResult:
+                   recompute: bool = False, seed: int = 0, fixed: torch.Tensor | None = None,
+                   teacher_head: torch.nn.Module | None = None) -> DistillResult:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
     T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
     block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held.
     recompute: see recomputed_in_backward. fixed: window indices whose KL is read before and after; where the steps
-    did not lower it, the scales are put back (one unlucky run must not leave the model worse than it found it)."""
+    did not lower it, the scales are put back (one unlucky run must not leave the model worse than it found it).
+    teacher_head: the dense head, where the student's is a NanoQuant layer (--nq-head)."""
     if settings.steps <= 0:
         return DistillResult()
     gen = torch.Generator().manual_seed(seed)
     result = DistillResult()
     with trainable_scale_offsets(student) as offsets, recomputed_in_backward(student.model.layers if recompute else []):
         if fixed is not None:
-            result.kl_before = fixed_windows_kl(student, teacher_hidden, windows, fixed)
+            result.kl_before = fixed_windows_kl(student, teacher_hidden, windows, fixed, teacher_head)
             start = [p.detach().clone() for p in offsets]
         opt = torch.optim.Adam(offsets, lr=settings.lr, betas=(0.9, 0.99))
         for step in range(settings.steps):
             opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
             i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
-            loss = _forward_kl(student, teacher_hidden[i:i + 1], windows[i])
+            loss = _forward_kl(student, teacher_hidden[i:i + 1], windows[i], teacher_head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             result.losses.append(float(loss.detach()))
         if fixed is not None:
-            result.kl_after = fixed_windows_kl(student, teacher_hidden, windows, fixed)
+            result.kl_after = fixed_windows_kl(student, teacher_hidden, windows, fixed, teacher_head)
             if result.kl_after >= result.kl_before:
                 with torch.no_grad():
                     for p, value in zip(offsets, start):

@@ -18,7 +18,7 @@ from .admm import lowrank_binary_product
 from .architectures import SHARED_INPUT_UNITS, UnsupportedArchitecture, gguf_base_name, gguf_row_permutation
 from .fileinfo import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
 from .streaming import GGUFTensors, gguf_config, tensor_as_float
-from .units import install_unit, member_names, unit_rows, unit_shape
+from .units import HEAD, install_unit, member_names, unit_rows, unit_shape
 
 
 class LowRankBinaryLinear(torch.nn.Module):
@@ -114,7 +114,7 @@ def load_reference_model(path: Path):
             members = member_names(hf_name)
             file_rows = []
             for member, start, stop in zip(members, bounds[:-1], bounds[1:]):
-                perm = gguf_row_permutation(arch, member.split(".", 3)[3], int(stop - start), config)
+                perm = gguf_row_permutation(arch, member.split(".", 3)[-1], int(stop - start), config)
                 file_rows.append(np.arange(start, stop) if perm is None else start + perm)
             inv = np.argsort(np.concatenate(file_rows))
             u, s_post = nq.u[inv], None if nq.s_post is None else nq.s_post[inv]
@@ -130,6 +130,19 @@ def load_reference_model(path: Path):
             install_unit(model, hf_name, module)
             used.update([f"{base}.{s}" for s in formats.SUFFIXES] + bias_names)
 
+    head = layers.get(gguf_base_name(arch, config.num_hidden_layers, HEAD))
+    if head is not None:  # --nq-head: the output head is a NanoQuant layer too
+        if config.tie_word_embeddings:
+            raise NQFormatError(f"{path}: the output head is a NanoQuant layer, but the model ties it to the token "
+                                "embedding")
+        expected = unit_shape(model, HEAD)
+        if (head.u.shape[0], head.v.shape[1]) != expected:
+            raise NQFormatError(f"{path}: the NanoQuant output head is {head.u.shape[0]}x{head.v.shape[1]}, the "
+                                f"model expects {expected[0]}x{expected[1]}")
+        install_unit(model, HEAD, LowRankBinaryLinear(
+            torch.from_numpy(head.u), torch.from_numpy(head.v),
+            *(None if s is None else torch.from_numpy(s) for s in (head.s_pre, head.s_mid, head.s_post))))
+        used.update(f"{gguf_base_name(arch, config.num_hidden_layers, HEAD)}.{s}" for s in formats.SUFFIXES)
     state = {hf_name: tensors.get(hf_name, param.shape) for hf_name, param in model.named_parameters()
              if not (config.tie_word_embeddings and hf_name == "lm_head.weight")}
     unused = sorted(set(by_name) - used - tensors.used - {"rope_freqs.weight"})

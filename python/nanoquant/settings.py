@@ -47,6 +47,9 @@ class ConvertSettings:
     rank_spread: float = 2.0  # sensitivity ranks stay within this factor of the uniform rank (0: unbounded)
     mid_scale: bool = False  # a per-rank scale s_mid in every layer, its 32 bits a rank counted in the budget
     shared_v: str = SHARED_NONE  # linears reading one input factorised as one stacked layer (one V); see --shared-v
+    # the output head as a NanoQuant layer too, its rank from the same bit budget (a head of its own, not tied to
+    # the token embedding, which is a lookup and stays a quantised table)
+    nq_head: bool = False
     other_type: str = "Q8_0"
     # the token embedding's and the output head's types (None: other_type); they are the largest tensors besides the
     # NanoQuant layers (a 151,936-token vocabulary at 1,536 wide is 233M weights each), so the whole file's size
@@ -203,6 +206,9 @@ OPTIONS: tuple[Option, ...] = (
            "qkv: q, k and v (one input) factorised as one stacked layer, one V for the three and their ranks' bits "
            "pooled, stored as llama.cpp's fused attn_qkv; none: each linear its own factors",
            choices=(SHARED_NONE, *SHARED_INPUT_UNITS)),
+    Option("--nq-head", "nq_head", _on_off,
+           "the output head as a NanoQuant layer too, its rank from the same bit budget (a model whose head is not "
+           "tied to the token embedding); off: the head is quantised to --output-tensor-type", metavar="on|off"),
     Option("--seed", "seed", int, "seed of calibration sampling, ADMM, tuning and distillation"),
     Option("--other-type", "other_type", _ggml_type, "ggml type of the non-NanoQuant tensors (F32, F16, Q8_0, ...)"),
     Option("--token-embedding-type", "token_embd_type", _ggml_type,

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import formats
+
 
 class ResidentBlocks:
     """Every block is in memory already."""
@@ -143,7 +145,8 @@ def gguf_config(path: Path, reader):
     key_length = reader.fields.get(f"{arch.gguf_arch_name}.attention.key_length")
     if key_length is not None:  # an explicit head_dim (qwen3's is not hidden / heads)
         config.head_dim = int(key_length.contents())
-    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    names = {t.name for t in reader.tensors}  # an untied head is output.weight, or a NanoQuant layer (--nq-head)
+    config.tie_word_embeddings = not ({"output.weight", f"output.{formats.SUFFIX_V}"} & names)
     scalar = llama_cpp_query_pre_attn_scalar(config.model_type, config.to_dict())
     if scalar is not None:  # transformers' GGUF mapping leaves the config's default; llama.cpp's graph decides
         config.query_pre_attn_scalar = scalar

@@ -7,6 +7,8 @@ import torch
 
 from .architectures import unit_members
 
+HEAD = "lm_head"  # the output head, by its Hugging Face name: a unit of its own with --nq-head
+
 
 class RowSlice(torch.nn.Module):
     """A member of a shared-input unit: rows [start, stop) of the unit's output. The unit module is shared by all
