@@ -7,7 +7,7 @@ import torch
 
 from nanoquant import admm
 from nanoquant.admm import AdmmSettings, factorize, relative_error, resolve_matmul
-from nanoquant.settings import PRESETS, ConvertSettings, resolved
+from nanoquant.settings import PRESETS, ConvertSettings, TuneSettings, resolved
 
 
 def test_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
@@ -66,3 +66,77 @@ def test_statistics_in_bfloat16_are_the_float32_moments(tmp_path):
         for field in ("input_moment", "output_moment"):
             a, b = (getattr(moments[d][name], field) for d in admm.MATMUL_DTYPES)
             assert ((a - b).norm() / a.norm()) < 0.05, (name, field)
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=300,
+                                         initializer_range=0.2))  # peaked: outputs and losses far from zero
+    return model.eval().requires_grad_(False)
+
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def _factorised(model, block_index: int, cls):
+    from nanoquant.units import install_unit
+
+    block = model.model.layers[block_index]
+    for i, name in enumerate(LINEARS):
+        weight = block.get_submodule(name).weight.detach()
+        layer = factorize(weight, 32, torch.ones(weight.shape[1]), torch.ones(weight.shape[0]),
+                          AdmmSettings(iterations=10), seed=i)
+        install_unit(block, name, cls(layer, None))
+    return block
+
+
+def test_ste_tuning_in_bfloat16_lowers_the_block_loss_as_float32_does():
+    from nanoquant.convert import _tuning_groups
+    from nanoquant.reconstruct import BlockLoss, TrainableLowRankBinary, block_loss, capture_block_inputs, tune_block
+    from nanoquant.reconstruct import run_block_batched
+
+    windows = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for dtype in admm.MATMUL_DTYPES:
+        model = _tiny_llama()
+        data = capture_block_inputs(model, windows)
+        target = run_block_batched(model.model.layers[0], data.fp, data.kwargs)
+        block = _factorised(model, 0, TrainableLowRankBinary)
+        loss_fn = BlockLoss(torch.ones(64))
+        every = torch.arange(4)
+        before = block_loss(block, data, target, loss_fn, every)
+        params = _tuning_groups([m for m in block.modules() if isinstance(m, TrainableLowRankBinary)], TuneSettings())
+        tune_block(block, params, data, target, loss_fn, steps=40, seed=0, batch_windows=2, matmul=dtype)
+        results[dtype] = (before, block_loss(block, data, target, loss_fn, every))
+    (b32, a32), (b16, a16) = results["float32"], results["bfloat16"]
+    assert b32 == pytest.approx(b16, rel=1e-6)  # the same start: only the steps' products differ
+    assert a32 < 0.8 * b32 and a16 < 0.8 * b16, results
+    assert abs(a16 - a32) / a32 < 0.1, results
+
+
+def test_distillation_in_bfloat16_lowers_the_kl_as_float32_does():
+    from nanoquant.reconstruct import DistillSettings, FrozenLowRankBinary, capture_block_inputs, distill_scales
+    from nanoquant.reconstruct import run_block_batched
+
+    windows = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for dtype in admm.MATMUL_DTYPES:
+        model = _tiny_llama()
+        data = capture_block_inputs(model, windows)
+        hidden = data.fp
+        for i, layer in enumerate(model.model.layers):  # the teacher's last-block outputs
+            data.index = i
+            hidden = run_block_batched(layer, hidden, data.kwargs)
+        for i in range(2):
+            _factorised(model, i, FrozenLowRankBinary)
+        result = distill_scales(model, hidden, windows, DistillSettings(steps=30, lr=3e-2), fixed=torch.arange(4),
+                                matmul=dtype)
+        results[dtype] = (result.kl_before, result.kl_after)
+    (b32, a32), (b16, a16) = results["float32"], results["bfloat16"]
+    assert b32 == pytest.approx(b16, rel=1e-6)
+    assert a32 < 0.9 * b32 and a16 < 0.9 * b16, results
+    assert abs(a16 - a32) / a32 < 0.1, results

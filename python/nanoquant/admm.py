@@ -29,6 +29,13 @@ def resolve_matmul(setting: str, device: torch.device) -> str:
     return "bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
 
 
+def autocast_for(device: torch.device, matmul: str):
+    """The autocast context of a resolved --matmul setting for the passes through the model (statistics, STE tuning,
+    distillation): under bfloat16 the products run in bfloat16 and accumulate in float32, the residual stream, norms
+    and losses stay float32; under float32 it does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=matmul == "bfloat16")
+
+
 @dataclass(frozen=True)
 class AdmmSettings:
     iterations: int = 400

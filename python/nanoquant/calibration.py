@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .admm import autocast_for
 from .units import HEAD
 
 # the calibration data: a wheel carries its own copy (pyproject's wheel.force-include), a checkout reads data/
@@ -210,7 +211,7 @@ class StatsCollector:
     grads: dict[str, RobustSecondMoment] = field(default_factory=dict)
 
     def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.matmul == "bfloat16")
+        return autocast_for(device, self.matmul)
 
     def collect(self, model, blocks, windows: torch.Tensor, scratch: Path) -> dict[str, LinearStats]:
         """Forward and backward the next-token loss over each window (empirical Fisher), one decoder block at a time:

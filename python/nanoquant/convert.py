@@ -232,7 +232,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
             for w in remaining:
                 w.requires_grad_(True)
             tune_block(block, [{"params": remaining, "lr": tune.dense_lr}], data, target, loss_fn,
-                       tune.dense_steps, seed, tune.batch_windows)
+                       tune.dense_steps, seed, tune.batch_windows, settings.matmul)
             for w in remaining:
                 w.requires_grad_(False)
             clock.lap("dense tuning")
@@ -251,7 +251,7 @@ def quantize_block(model, index: int, source: Source, stats, ranks: dict[str, in
             after_admm = loss()
             clock.lap("ADMM")
             tune_block(block, _tuning_groups(list(trainables.values()), tune), data, target, loss_fn,
-                       tune.factor_steps, seed, tune.batch_windows)
+                       tune.factor_steps, seed, tune.batch_windows, settings.matmul)
             clock.lap("STE tuning")
             label = group[0] if len(group) == 1 else "all linears"
             tqdm.write(f"block {index} ({label}): block loss on {len(fixed)} fixed windows after ADMM "
@@ -452,7 +452,7 @@ def quantize_model(source: Source, settings: ConvertSettings, work: WorkFolder,
         recompute = _distill_recompute(settings.distill.recompute, model.model.layers, data)
         fixed = fixed_log_windows(windows.shape[0])
         result = distill_scales(model, data.fp, windows, settings.distill, recompute, settings.seed, fixed,
-                                teacher_head)
+                                teacher_head, settings.matmul)
         print(f"scale distillation: KL on {len(fixed)} fixed windows {result.kl_before:.4f} "
               f"-> {result.kl_after:.4f}"
               f"{' (not lower: the scales before distillation are kept)' if result.reverted else ''}, "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 
-from .admm import LowRankBinary, lowrank_binary_product, sign
+from .admm import LowRankBinary, autocast_for, lowrank_binary_product, sign
 
 
 @dataclass(frozen=True)
@@ -194,13 +194,14 @@ def fixed_windows_kl(student, teacher_hidden: torch.Tensor, windows: torch.Tenso
 
 def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor, settings: DistillSettings,
                    recompute: bool = False, seed: int = 0, fixed: torch.Tensor | None = None,
-                   teacher_head: torch.nn.Module | None = None) -> DistillResult:
+                   teacher_head: torch.nn.Module | None = None, matmul: str = "float32") -> DistillResult:
     """Model reconstruction: train every FrozenLowRankBinary's scale offsets by forward KL(teacher || student) at
     T = 1. The teacher's logits come from its last-block outputs on the same windows (the full-precision stream of
     block reconstruction), one window at a time, so neither a teacher model nor N x L x vocab logits are held.
     recompute: see recomputed_in_backward. fixed: window indices whose KL is read before and after; where the steps
     did not lower it, the scales are put back (one unlucky run must not leave the model worse than it found it).
-    teacher_head: the dense head, where the student's is a NanoQuant layer (--nq-head)."""
+    teacher_head: the dense head, where the student's is a NanoQuant layer (--nq-head). matmul: the training steps'
+    products (autocast_for); the fixed windows' KL, which decides the revert, is read in float32."""
     if settings.steps <= 0:
         return DistillResult()
     gen = torch.Generator().manual_seed(seed)
@@ -213,7 +214,8 @@ def distill_scales(student, teacher_hidden: torch.Tensor, windows: torch.Tensor,
         for step in range(settings.steps):
             opt.param_groups[0]["lr"] = _cosine(step, settings.steps, settings.lr)
             i = int(torch.randint(0, windows.shape[0], (1,), generator=gen))
-            loss = _forward_kl(student, teacher_hidden[i:i + 1], windows[i], teacher_head)
+            with autocast_for(windows.device, matmul):
+                loss = _forward_kl(student, teacher_hidden[i:i + 1], windows[i], teacher_head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -348,8 +350,9 @@ def block_loss(block, data: BlockData, target: torch.Tensor, loss: BlockLoss, wi
 
 
 def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor, loss_fn: BlockLoss,
-               steps: int, seed: int, batch_windows: int) -> tuple[float, float]:
-    """Adam with a cosine schedule on the block loss; returns the first and last batch loss."""
+               steps: int, seed: int, batch_windows: int, matmul: str = "float32") -> tuple[float, float]:
+    """Adam with a cosine schedule on the block loss; returns the first and last batch loss. matmul: the steps'
+    products (autocast_for; the loss itself is float32)."""
     if steps <= 0 or not params:
         return float("nan"), float("nan")
     opt = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-8)
@@ -361,8 +364,9 @@ def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor,
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = _cosine(step, steps, lr)
         idx = torch.randint(0, n, (min(batch_windows, n),), generator=gen)
-        out = run_block(block, data.quantized[idx], data.kwargs)
-        loss = loss_fn(out, target[idx])
+        with autocast_for(target.device, matmul):
+            out = run_block(block, data.quantized[idx], data.kwargs)
+        loss = loss_fn(out.float(), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
