@@ -301,7 +301,9 @@ if wants convert; then
         run_step "convert --device $DEVICE" 60 "$WORK/logs/convert.log" \
             env PYTHONPATH="$PWD/python:$PWD/$LLAMA_DIR/gguf-py:$PYSITE" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
             TRANSFORMERS_OFFLINE=1 python3 convert/convert-hf-to-nq-gguf.py "$TEACHER" --outfile "$NQ_OUT" \
-            --bpw 1.0 --preset fast --device "$DEVICE" --calib-chat "$CHAT" ${GPU_CHECK_CONVERT_ARGS:-}
+            --bpw 1.0 --preset fast --device "$DEVICE" --calib-chat "$CHAT" \
+            --token-embedding-type Q8_0 --output-tensor-type Q8_0 ${GPU_CHECK_CONVERT_ARGS:-}  # gguf-py writes Q8_0
+            # without _core; SmolLM2's tied 576-wide head gets Q8_0 by default anyway
         grep -E "peak RSS|realized bpw" "$WORK/logs/convert.log" | sed 's/^/    /'  # its stages: time and memory
         if [ ! -f "$NQ_OUT" ]; then
             :

@@ -165,12 +165,13 @@ class Profile:
 # real size; its 2-bit and smaller types (Q2_K too) get the imatrix, as a user makes them
 _QWEN15_ROWS = ("F32", "Q8_0", "Q4_K_M", "Q4_0", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q1_0", "TQ1_0", "NQ 2.0",
                 "NQ 1.0", "NQ 0.55", "NQ 1.0 (fast preset)")
-# the token embedding's and the head's types, on the fast 1.0 conversion (written from its kept work folder)
+# the token embedding's and the head's types, on the fast 1.0 conversion (written from its kept work folder); the
+# NQ rows have the defaults, llama-quantize's low-bit choice (embedding Q2_K, head Q5_K)
 _TYPE_ROWS = tuple(
     Row(f"ablation 1.0 (fast preset): embedding {embd}, head {head}", "nq", bpw=1.0,
         converter_args=("--preset", "fast", "--token-embedding-type", embd, "--output-tensor-type", head),
         note=f"the NQ 1.0 (fast preset) conversion with the token embedding in {embd} and the output head in {head}")
-    for embd, head in (("Q8_0", "Q8_0"), ("Q2_K", "Q5_K"), ("Q2_K", "Q4_K"), ("Q2_K", "Q2_K")))
+    for embd, head in (("Q8_0", "Q8_0"), ("Q2_K", "Q8_0"), ("Q2_K", "Q4_K"), ("Q2_K", "Q2_K")))
 PROFILES = {
     "SmolLM2-135M-Instruct": Profile(150, tuple(ROWS)),
     "Qwen2.5-Coder-1.5B-Instruct": Profile(40, tuple(
@@ -254,6 +255,14 @@ def converter_seconds(model: Path) -> float | None:
     log = model.with_suffix(".log")
     found = re.search(r"\) in (\d+) s, peak RSS", log.read_text()) if log.is_file() else None
     return float(found.group(1)) if found else None
+
+
+def conversion_cost(model: Path) -> tuple[float, float] | None:
+    """(seconds, peak RSS MiB) of the conversion over every run that computed in its work folder, resumed runs and
+    the first run of a file written again from a kept folder included (the converter's "conversion:" line)."""
+    log = model.with_suffix(".log")
+    found = re.search(r"^conversion: (\d+) s, peak RSS (\d+) MiB", log.read_text(), re.M) if log.is_file() else None
+    return (float(found.group(1)), float(found.group(2))) if found else None
 
 
 def written_from_checkpoint(model: Path) -> bool:
@@ -571,7 +580,9 @@ class Bench:
     def evaluate(self, row: Row) -> dict:
         path, seconds, peak_mib = self.build(row)
         key = work_key(conversion_args(row, self.preset)) if row.kind == "nq" else None
-        if row.kind == "nq" and written_from_checkpoint(path):  # another row's conversion, written again: its cost
+        if row.kind == "nq" and conversion_cost(path) is not None:
+            seconds, peak_mib = conversion_cost(path)
+        elif row.kind == "nq" and written_from_checkpoint(path):  # another row's conversion, written again: its cost
             made = next((r for r in self.rows if r.get("work_key") == key and r.get("convert_s") is not None
                          and not r.get("written_from_checkpoint")), {})
             seconds, peak_mib = made.get("convert_s"), made.get("peak_rss_mib")

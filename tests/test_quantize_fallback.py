@@ -69,9 +69,11 @@ def test_a_type_gguf_py_cannot_quantize_needs_core(without_core):
     with pytest.raises(preflight.InputError, match="--other-type Q4_K"):  # before any work, not at the end
         preflight.check_settings(ConvertSettings(other_type="q4_k"))
     with pytest.raises(preflight.InputError, match="--output-tensor-type Q4_K"):
-        preflight.check_settings(ConvertSettings(other_type="q8_0", output_type="Q4_K"))
-    preflight.check_settings(ConvertSettings(other_type="Q8_0"))
-    preflight.check_settings(ConvertSettings(other_type="F16"))
+        preflight.check_settings(ConvertSettings(other_type="q8_0", token_embd_type="Q8_0", output_type="Q4_K"))
+    with pytest.raises(preflight.InputError, match="--token-embedding-type Q2_K"):  # the default: a K-quant
+        preflight.check_settings(ConvertSettings())
+    preflight.check_settings(ConvertSettings(other_type="Q8_0", token_embd_type="Q8_0", output_type="Q8_0"))
+    preflight.check_settings(ConvertSettings(other_type="F16", token_embd_type="F16", output_type="F16"))
 
 
 @pytest.mark.skipif(not SMOL_GGUF.is_file(), reason=f"{SMOL_GGUF} is missing (make setup unpacks it)")

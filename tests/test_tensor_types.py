@@ -110,3 +110,35 @@ def test_a_tied_head_is_refused_as_a_nanoquant_layer(tmp_path, smol_tokenizer):
     proc = run_converter(hf, "--outfile", out, *TINY_METHOD_ARGS, "--nq-head", "on")
     assert proc.returncode == 2 and "--nq-head on" in proc.stderr and "ties its output head" in proc.stderr
     assert not out.exists()
+
+
+def test_the_defaults_are_llama_quantizes_low_bit_choice():
+    """The embedding Q2_K and the head Q5_K, the head Q8_0 where 256 does not divide its rows (a tied embedding is the
+    head, as for SmolLM2's 576-wide rows)."""
+    from nanoquant.convert import tensor_types
+    from nanoquant.settings import ConvertSettings
+
+    types = tensor_types(ConvertSettings())
+    assert types.for_tensor("output.weight", False, 1536) == T.Q5_K
+    assert types.for_tensor("output.weight", False, 576) == T.Q8_0
+    assert types.for_tensor("token_embd.weight", False, 1536) == T.Q2_K
+    assert types.for_tensor("token_embd.weight", True, 576) == T.Q8_0 == types.for_tensor("token_embd.weight", True, 96)
+    assert types.for_tensor("token_embd.weight", True, 2048) == T.Q5_K
+    assert types.for_tensor("blk.0.ffn_down.weight", False, 1536) == T.Q8_0
+    chosen = tensor_types(ConvertSettings(token_embd_type="q8_0", output_type="IQ2_XXS"))
+    assert chosen.for_tensor("output.weight", False, 1536) == T.IQ2_XXS
+    assert chosen.for_tensor("token_embd.weight", False, 1536) == T.Q8_0
+
+
+def test_a_work_folder_adds_up_the_time_of_the_runs_that_computed_in_it(tmp_path):
+    from nanoquant.checkpoint import WorkFolder
+
+    first = WorkFolder(tmp_path / "w", {"a": 1}, resume=False)
+    first._opened -= 100  # as if this run had computed for 100 s
+    first.save_ranks({"x": 32})
+    assert first.computed and 100 <= first.spent()["seconds"] < 110 and first.spent()["peak_rss_mib"] > 0
+    again = WorkFolder(tmp_path / "w", {"a": 1}, resume=True)  # a second run: only written again, or resumed
+    assert not again.computed and again.spent() == first.spent()
+    again._opened -= 50
+    again.save_ranks({"x": 32})
+    assert 150 <= again.spent()["seconds"] < 170

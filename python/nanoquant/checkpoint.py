@@ -5,13 +5,16 @@ Layout: manifest.json (what is being converted, with which settings), chat.jsonl
 the teacher answered), stats.pt, ranks.json, block-NNNN.pt (the factorised layers of one finished block, signs packed),
 stream.pt (the block-boundary activations after the last finished block), head.pt (the output head's factors with
 --nq-head), final.pt (the file's NanoQuant tensors after
-model reconstruction, so that a kept folder writes the file again without computing).
+model reconstruction, so that a kept folder writes the file again without computing), time.json (the seconds and
+peak RSS the runs that computed in it spent, updated at every checkpoint: a conversion's cost over all its runs).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,24 @@ class WorkFolder:
                                       f"or remove it")
             self.path.mkdir(parents=True, exist_ok=True)
             manifest.write_text(json.dumps(identity, indent=1, sort_keys=True))
+        self._opened = time.time()
+        self._spent_before = self.spent()
+        self.computed = False  # whether this run checkpointed anything (a kept folder only written again: no)
+
+    def spent(self) -> dict:
+        """{"seconds", "peak_rss_mib"} of the runs that computed in this folder, up to their last checkpoint."""
+        path = self.path / "time.json"
+        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "peak_rss_mib": 0.0}
+
+    def record_time(self) -> None:
+        """Adds this run's time so far to what earlier runs spent (called at each checkpoint and after writing)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak, KiB on Linux
+        spent = {"seconds": round(self._spent_before["seconds"] + time.time() - self._opened, 1),
+                 "peak_rss_mib": round(max(self._spent_before["peak_rss_mib"], peak), 1)}
+        self.computed = True
+        tmp = self.path / "time.json.tmp"
+        tmp.write_text(json.dumps(spent))
+        os.replace(tmp, self.path / "time.json")
 
     def load_conversations(self) -> list[list[dict]] | None:
         path = self.path / "chat.jsonl"
@@ -79,6 +100,7 @@ class WorkFolder:
         tmp.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations),
                        encoding="utf-8")
         os.replace(tmp, path)
+        self.record_time()
 
     def load_ranks(self) -> dict[str, int] | None:
         path = self.path / "ranks.json"
@@ -89,6 +111,7 @@ class WorkFolder:
         tmp = path.with_name(path.name + ".partial")
         tmp.write_text(json.dumps(ranks, indent=0))
         os.replace(tmp, path)
+        self.record_time()
 
     def holds_progress(self) -> bool:
         """Whether --resume would save work here: the statistics or a finished block are checkpointed."""
@@ -100,6 +123,7 @@ class WorkFolder:
 
     def save_stats(self, stats: dict) -> None:
         _atomic_save({name: s.to("cpu") for name, s in stats.items()}, self.path / "stats.pt")
+        self.record_time()
 
     def _block_path(self, index: int) -> Path:
         return self.path / f"block-{index:04d}.pt"
@@ -120,6 +144,7 @@ class WorkFolder:
                    reports: list, stream: dict) -> None:
         _atomic_save(_layers_payload(layers, reports), self._block_path(index))
         _atomic_save({**{k: _host(t) for k, t in stream.items()}, "after_block": index}, self.path / "stream.pt")
+        self.record_time()
 
     def load_block(self, index: int) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
         return _layers_from(torch.load(self._block_path(index), weights_only=False))
@@ -127,6 +152,7 @@ class WorkFolder:
     def save_head(self, layer: LowRankBinary, report) -> None:
         """The output head's factors (--nq-head), made after the last block."""
         _atomic_save(_layers_payload({"head": (layer, None)}, [report]), self.path / "head.pt")
+        self.record_time()
 
     def load_head(self) -> tuple[LowRankBinary, object] | None:
         path = self.path / "head.pt"
@@ -143,6 +169,7 @@ class WorkFolder:
         kept work folder writes the file again, with other tensor types, without running anything."""
         packed = [{**vars(t), "u": _pack_np(t.u), "v": _pack_np(t.v)} for t in tensors]
         _atomic_save({"key": key, "tensors": packed, "reports": reports}, self.path / "final.pt")
+        self.record_time()
 
     def load_final(self, key: dict, make) -> tuple[list, list] | None:
         """(tensors, reports) saved by save_final under the same key, each tensor rebuilt by make(**fields)."""

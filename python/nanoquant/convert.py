@@ -544,8 +544,8 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
 
 
 def tensor_types(settings: ConvertSettings) -> TensorTypes:
-    """The non-NanoQuant tensors' types by role; the embedding and the head follow --other-type unless set."""
-    named = lambda name: gguf.GGMLQuantizationType[(name or settings.other_type).upper()]  # noqa: E731
+    """The non-NanoQuant tensors' types by role (the head None: llama-quantize's low-bit choice, see TensorTypes)."""
+    named = lambda name: None if name is None else gguf.GGMLQuantizationType[name.upper()]  # noqa: E731
     return TensorTypes(other=named(settings.other_type), token_embd=named(settings.token_embd_type),
                        output=named(settings.output_type))
 
@@ -575,6 +575,11 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
             }
             write_nq_gguf(source.base_gguf, out_path, tensors, types, metadata, head_imatrix)
             print(f"writing: {peaks.end_stage()}")
+            if work.computed:  # the conversion's cost, over every run that computed in this work folder
+                work.record_time()
+            spent = work.spent()
+            print(f"conversion: {spent['seconds']:.0f} s, peak RSS {spent['peak_rss_mib']:.0f} MiB over every run "
+                  f"that computed in {work_path}{'' if work.computed else ' (none now: the file was written again)'}")
     except BaseException:
         # a folder that holds nothing --resume could use (no statistics, no block) is this run's litter
         if not resume and not work.holds_progress():

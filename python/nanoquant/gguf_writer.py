@@ -59,20 +59,28 @@ def fitting_type(target: GGMLQuantizationType, cols: int) -> GGMLQuantizationTyp
     return T.F32
 
 
+# llama-quantize's output head in its 1-2-bit mixes (IQ1_S ... IQ2_XS, llama-quant.cpp): Q5_K, and Q8_0 where 256 does
+# not divide the head's rows
+LOW_BIT_HEAD, NARROW_HEAD = T.Q5_K, T.Q8_0
+
+
 @dataclass(frozen=True)
 class TensorTypes:
     """The types of the tensors that are not NanoQuant layers, by role: the token embedding, the output head (a tied
-    embedding is the head: llama.cpp gives it the head's type), and the rest."""
+    embedding is the head: llama.cpp gives it the head's type), and the rest. output None: llama-quantize's choice
+    for the head of its 1-2-bit mixes (LOW_BIT_HEAD, or NARROW_HEAD for rows its blocks do not divide)."""
     other: GGMLQuantizationType
     token_embd: GGMLQuantizationType
-    output: GGMLQuantizationType
+    output: GGMLQuantizationType | None
 
     @classmethod
     def every(cls, t: GGMLQuantizationType) -> TensorTypes:
         return cls(other=t, token_embd=t, output=t)
 
-    def for_tensor(self, name: str, tied: bool) -> GGMLQuantizationType:
+    def for_tensor(self, name: str, tied: bool, cols: int) -> GGMLQuantizationType:
         if is_head(name, tied):
+            if self.output is None:
+                return LOW_BIT_HEAD if cols % gguf.GGML_QUANT_SIZES[LOW_BIT_HEAD][0] == 0 else NARROW_HEAD
             return self.output
         return self.token_embd if name == TOKEN_EMBD else self.other
 
@@ -99,7 +107,8 @@ def row_quantizer(target: GGMLQuantizationType) -> tuple[Callable[..., np.ndarra
     except NotImplementedError:
         raise ValueError(f"{target.name}: gguf-py has no quantizer for {target.name}, and "
                          f"nanoquant._core (ggml's quantizers, built by `make`) cannot be imported ({missing}); "
-                         "build it, or choose a type gguf-py quantizes (Q8_0, F16, ...)") from None
+                         "build it, or choose a type gguf-py quantizes (Q8_0, F16, ...; the token embedding's and "
+                         "the head's defaults are K-quants)") from None
 
     def quantize(rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(gguf.quants.quantize(rows, target)).view(np.uint8).reshape(rows.shape[0], -1)
@@ -192,7 +201,7 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     for t in reader.tensors:
         if t.name in replaced or t.name in biases or len(t.shape) < 2 or t.name.endswith("norm.weight"):
             continue
-        target = fitting_type(types.for_tensor(t.name, tied), int(t.shape[0]))
+        target = fitting_type(types.for_tensor(t.name, tied, int(t.shape[0])), int(t.shape[0]))
         planned[t.name] = target
         if target in IMATRIX_TYPES and t.tensor_type != target and not (is_head(t.name, tied) and
                                                                          head_imatrix is not None):

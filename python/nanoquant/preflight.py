@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import torch
 
-from .gguf_writer import FLOAT_TYPES, IMATRIX_TYPES, row_quantizer
+from .gguf_writer import FLOAT_TYPES, IMATRIX_TYPES, LOW_BIT_HEAD, row_quantizer
 from .ranks import MAX_BPW
 
 MIN_WINDOW_TOKENS = 16  # a window shorter than this holds hardly a sentence: the statistics would be noise
@@ -49,7 +49,7 @@ def check_settings(settings) -> None:
         raise InputError(f"--shrinkage: expected a share between 0 and 1, got {settings.shrinkage:g}")
     for flag, name in (("--other-type", settings.other_type), ("--token-embedding-type", settings.token_embd_type),
                        ("--output-tensor-type", settings.output_type)):
-        wanted = gguf.GGMLQuantizationType[(name or settings.other_type).upper()]
+        wanted = LOW_BIT_HEAD if name is None else gguf.GGMLQuantizationType[name.upper()]  # None: the head's default
         if wanted in IMATRIX_TYPES and flag != "--output-tensor-type":
             raise InputError(f"{flag} {wanted.name}: this type needs an importance matrix, which the converter has "
                              "for the output head only (--output-tensor-type); choose a K-quant or Q8_0")
