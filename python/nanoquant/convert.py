@@ -536,10 +536,10 @@ def _identity(model_path: Path, settings: ConvertSettings) -> dict:
     (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
     resumed with other distillation settings, on another device, and written with other tensor types."""
     files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
-    checkpointed = replace(settings, distill=DistillSettings(), device=DEVICE_AUTO,
-                           matmul=ConvertSettings.matmul,  # the machine's: speed, not the method
-                           **{name: getattr(ConvertSettings, name) for name in WRITE_ONLY})
-    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(asdict(checkpointed)),
+    checkpointed = asdict(replace(settings, distill=DistillSettings(), device=DEVICE_AUTO))
+    for name in ("matmul", *WRITE_ONLY):  # the machine's speed, and how the file is written: not what is kept
+        checkpointed.pop(name)
+    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(checkpointed),
             "torch_threads": torch.get_num_threads(), "format_version": formats.FORMAT_VERSION}
 
 
