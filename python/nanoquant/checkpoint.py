@@ -179,8 +179,10 @@ class WorkFolder:
         payload = torch.load(path, weights_only=False)
         if payload["key"] != key:
             return None
-        tensors = [make(**{**t, "u": formats.unpack_signs(t["u"]["bits"], t["u"]["cols"]),
-                           "v": formats.unpack_signs(t["v"]["bits"], t["v"]["cols"])}) for t in payload["tensors"]]
+        # int8 signs (the writer packs them again): float32 would be 4 bytes a weight, 5 GB for a 1.5B model
+        tensors = [make(**{**t, "u": formats.unpack_signs(t["u"]["bits"], t["u"]["cols"], np.int8),
+                           "v": formats.unpack_signs(t["v"]["bits"], t["v"]["cols"], np.int8)})
+                   for t in payload["tensors"]]
         return tensors, payload["reports"]
 
 

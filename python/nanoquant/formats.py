@@ -47,13 +47,13 @@ def pack_signs(signs: np.ndarray) -> np.ndarray:
     return np.packbits(signs < 0, axis=1, bitorder="little")
 
 
-def unpack_signs(packed: np.ndarray, cols: int) -> np.ndarray:
-    """(rows, cols/8) uint8 NQ1 rows -> (rows, cols) float32 array of +-1."""
+def unpack_signs(packed: np.ndarray, cols: int, dtype=np.float32) -> np.ndarray:
+    """(rows, cols/8) uint8 NQ1 rows -> (rows, cols) array of +-1 (float32 unless told: int8 is a quarter of it)."""
     packed = np.asarray(packed, dtype=np.uint8)
     if packed.ndim != 2 or packed.shape[1] * 8 != cols:
         raise ValueError(f"unpack_signs: expected {cols // 8} bytes per row for {cols} signs, got {packed.shape}")
     bits = np.unpackbits(packed, axis=1, bitorder="little")
-    return (1.0 - 2.0 * bits).astype(np.float32)
+    return (1 - 2 * bits.astype(np.int8)).astype(dtype, copy=False)
 
 
 def rank_for_bpw(d_out: int, d_in: int, bpw: float, scale_bits: int = SCALE_BITS, n_scales: int = 2) -> int:
