@@ -32,7 +32,7 @@ $(VENV_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	echo "$(CURDIR)/python" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nanoquant-src.pth
+	printf '%s\n' "$(CURDIR)/python" "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nanoquant-src.pth  # nanoquant and bench from this checkout
 	printf '#!/bin/sh\nexec "%s" -m nanoquant "$$@"\n' "$(abspath $(PY))" > $(VENV)/bin/nanoquant
 	chmod +x $(VENV)/bin/nanoquant
 	touch $@

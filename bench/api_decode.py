@@ -18,12 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from decode import synthetic_nq  # noqa: E402
-from quality import BIN, DEFAULT_MODEL, RESULTS, Bench, machine, run  # noqa: E402
+from bench.common import BIN, DEFAULT_MODEL, RESULTS, meta, run, write_result
+from bench.decode import synthetic_nq
+from bench.quality import Bench
 
 
 def default_model() -> Path:
@@ -74,16 +71,16 @@ def main(argv=None) -> int:
     for model in models.values():
         model.close()
 
+    made = meta(argv)
     rows = []
     for threads in args.threads:
         bench, api = (statistics.median(samples[(side, threads)]) for side in ("llama-bench", "api"))
         rows.append({"model": path.name, "threads": threads, "tokens": args.tokens, "llama_bench_tg_tps": bench,
                      "api_tg_tps": api, "api_over_llama_bench": api / bench,
                      "samples": {side: samples[(side, threads)] for side in ("llama-bench", "api")},
-                     "machine": machine()})
-    out = RESULTS / "api_decode.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{path.name}, tg{args.tokens}, medians of {args.reps} interleaved repetitions ({machine()})")
+                     "machine": made["machine"]})
+    write_result(RESULTS / "api_decode.json", {"rows": rows}, made)
+    print(f"{path.name}, tg{args.tokens}, medians of {args.reps} interleaved repetitions ({made['machine']})")
     print("| threads | llama-bench t/s | nanoquant.Model t/s | API / llama-bench |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['threads']} | {r['llama_bench_tg_tps']:.1f} | {r['api_tg_tps']:.1f} | "

@@ -18,7 +18,7 @@ table shows ("size ratio"). With another `--head` the SmolLM2 NQ files are rando
 results go to decode-head-<type>.json / .md. IQ1_S takes an importance matrix from llama-imatrix on the calibration
 text (2 chunks for the synthetic model).
 Each repetition runs every (file, threads) pair once with `llama-bench -r 1`, in turn; the table gives medians.
-Writes bench/results/decode.json (a list of rows) and decode.md, or `--out FILE.json` and its .md.
+Writes bench/results/decode.json ({meta, rows}) and decode.md, or `--out FILE.json` and its .md.
 """
 from __future__ import annotations
 
@@ -31,12 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from gpu_models import add_llama_hparams  # noqa: E402
-from quality import BIN, CALIB_TEXT, DEFAULT_MODEL, RESULTS, Bench, finish, machine, partial, run, slug  # noqa: E402
+from bench import common
+from bench.common import BIN, CALIB_TEXT, DEFAULT_MODEL, REPO, RESULTS, finish, partial, run
+from bench.gpu_models import add_llama_hparams
+from bench.quality import Bench, slug
 
 LLAMA_TYPES = ["Q4_0", "Q8_0", "Q2_K", "IQ1_S", "TQ1_0"]
 @dataclass(frozen=True)
@@ -236,19 +234,16 @@ def main(argv=None) -> int:
 
     from nanoquant.fileinfo import decoder_linear_bits
     bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
-    from quality import git_commit
-    command = "bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    made = common.meta(argv)
     rows = [{"model": m, "type": n, "file": files[(m, n)].name, "file_bytes": files[(m, n)].stat().st_size,
              "head": "as made" if m == "qwen2.5-coder-1.5b" else args.head, "bpw_linear": bpw[(m, n)],
-             "threads": t, "test": test, "tokens_per_s": statistics.median(v), "samples": v, "machine": machine(),
-             "commit": git_commit(), "command": command}
+             "threads": t, "test": test, "tokens_per_s": statistics.median(v), "samples": v, "machine": made["machine"]}
             for (m, n, t, test), v in samples.items()]
     default_name = ("decode-Qwen2.5-Coder-1.5B-Instruct" if args.models == ["qwen2.5-coder-1.5b"]
                     else f"decode{head_suffix(args.head)}")
     out = args.out or RESULTS / f"{default_name}.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows)
-    out.with_suffix(".md").write_text(table)
+    common.write_result(out, {"rows": rows}, made, table)
     print(table)
     return 0
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from gguf import GGMLQuantizationType as T
 
-from nanoquant import _core  # noqa: E402
-from nanoquant.formats import LayerBits, rank_for_bpw  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+from nanoquant import _core
+from nanoquant.formats import LayerBits, rank_for_bpw
+
+from bench.common import RESULTS, meta, write_result
 
 SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 128])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--copies", type=int, default=COPIES["smollm2"], help="layers per timed graph, SmolLM2 shapes")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kernels.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="time nothing: print the markdown table of a results file this script wrote")
     args = p.parse_args(argv)
@@ -135,11 +135,8 @@ def main(argv=None) -> int:
                     | {"median_us": statistics.median(s) * 1e6, "rank": cfg["rank"]})
     bandwidth = {t: read_bandwidth_gbs(t) for t in args.threads}
     report(rows, bandwidth)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    from quality import machine
-    tmp.write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "machine": machine(), "rows": rows}, indent=1) + "\n")
-    tmp.replace(args.out)
+    made = meta(argv)
+    write_result(args.out, {"read_bandwidth_gbs": bandwidth, "machine": made["machine"], "rows": rows}, made)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Malformed-file corpus: every defect of nanoquant.corpus made from an NQ file and from an ordinary llama.cpp file,
+"""Malformed-file corpus: every defect of bench.corpus made from an NQ file and from an ordinary llama.cpp file,
 each fed to llama-completion, llama-cli, llama-server, llama-bench and nanoquant.Model.
 
     .venv/bin/python bench/malformed.py [--nq FILE] [--plain FILE]
@@ -6,24 +6,19 @@ each fed to llama-completion, llama-cli, llama-server, llama-bench and nanoquant
 Defaults: the fast-preset SmolLM2 NQ file of bench/quality.py (made by it) and the embedded Q4_1 teacher. Variants are
 written one at a time under a temporary folder and removed after their runs. Writes bench/results/malformed.json and
 .md: per file and tool, how many variants were refused with their reason, accepted, crashed, hung or refused without
-a reason, and every failure by name. Exit 1 if the corpus finds a failure (see nanoquant.corpus.failures).
+a reason, and every failure by name. Exit 1 if the corpus finds a failure (see bench.corpus.failures).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from nanoquant import corpus  # noqa: E402
-from quality import BIN, DEFAULT_MODEL, RESULTS, machine  # noqa: E402
+from bench import corpus
+from bench.common import BIN, DEFAULT_MODEL, RESULTS, meta, write_result
 
 DEFAULT_NQ = RESULTS / "SmolLM2-135M-Instruct" / "NQ-1.0-fast-preset.gguf"
 DEFAULT_PLAIN = DEFAULT_MODEL
@@ -54,7 +49,7 @@ def counts(rows: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Malformed-file corpus (`bench/malformed.py`, generator `nanoquant.corpus`), machine: {report['machine']}.",
+    lines = [f"Malformed-file corpus (`bench/malformed.py`, generator `bench.corpus`), machine: {report['machine']}.",
              ""]
     for label, entry in report["files"].items():
         rows = entry["variants"]
@@ -77,15 +72,15 @@ def main(argv=None) -> int:
     for path in (args.nq, args.plain):
         if not path.is_file():
             sys.exit(f"{path}: no such file (the NQ default is made by `bench/quality.py --rows 'NQ 1.0 (fast preset)'`)")
-    report = {"machine": machine(), "files": {}}
+    made = meta(argv)
+    report = {"machine": made["machine"], "files": {}}
     for label, src in (("NQ file", args.nq), ("ordinary file", args.plain)):
         print(f"{label}: {src}", flush=True)
         rows = run_file(src)
         made = {name: (next(d for d in corpus.DEFECTS if d.name == name), None) for name in rows}
         results = {name: {tool: corpus.Outcome(*row[tool]) for tool in corpus.TOOLS} for name, row in rows.items()}
         report["files"][label] = {"file": src.name, "variants": rows, "failures": corpus.failures(made, results)}
-    (RESULTS / "malformed.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "malformed.md").write_text(markdown(report))
+    write_result(RESULTS / "malformed.json", report, made, markdown(report))
     print(markdown(report))
     return 1 if any(entry["failures"] for entry in report["files"].values()) else 0
 

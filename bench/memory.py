@@ -17,7 +17,6 @@ Writes bench/results/memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -25,15 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-RESULTS = REPO / "bench" / "results"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 FULL_DEPTH = 32
 
-from nanoquant.settings import PRESETS  # noqa: E402
-from nanoquant.reconstruct import RECOMPUTE_ABOVE_BYTES  # noqa: E402
+from nanoquant.reconstruct import RECOMPUTE_ABOVE_BYTES
+from nanoquant.settings import PRESETS
+
+from bench.common import REPO, RESULTS, meta, write_result
 STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines
 STAGES = {"loading", "calibration", "statistics", "rank allocation", "blocks", "scale distillation", "writing"}
 ACTIVATIONS = re.compile(r"activations through all blocks take ([0-9.]+) GiB")
@@ -107,8 +105,7 @@ def main(argv=None) -> int:
               "projected_stage_mib": projected_stages, "standard_calibration_tokens": calib_tokens,
               "standard_streams_mib": streams_mib, "distill_activations_32_blocks_gib": activations_full_gib,
               "peak_stage": peak_stage, "projected_32_blocks_mib": projected}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_result(RESULTS / "memory.json", report, meta(argv))
     print(f"distillation's activations at {FULL_DEPTH} blocks: {activations_full_gib:.1f} GiB a window, so "
           f"--distill-recompute auto recomputes them")
     for stage, mib in projected_stages.items():

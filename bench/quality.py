@@ -41,29 +41,20 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS
+from nanoquant.convert import build_parser, settings_record
+from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
+from nanoquant.settings import settings_from_args
 
-from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS  # noqa: E402
-from nanoquant.convert import build_parser, settings_record  # noqa: E402
-from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe  # noqa: E402
-from nanoquant.settings import settings_from_args  # noqa: E402
+from bench.common import (BIN, CALIB_TEXT, DEFAULT_MODEL, REPO, RESULTS, TEST_TEXT, finish, git_commit, machine, meta,
+                          partial, read_result, run, write_result)
 
-BIN = REPO / "build" / "bin"
-TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
-CALIB_TEXT = REPO / "data" / "wikitext-2" / "valid.txt"
-DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULTS = REPO / "bench" / "results"
 DEFAULT_CHUNKS = 150
 REF_CHUNKS = 8     # chunks scored twice, by llama-perplexity and by the Python reference forward
 REF_TOLERANCE = 0.01
@@ -205,32 +196,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def partial(path: Path) -> Path:
-    """Tools write here first; a file under its final name is always complete, so a killed run is never reused."""
-    return path.with_name(path.name + ".partial")
 
 
-def finish(path: Path) -> Path:
-    partial(path).replace(path)
-    return path
 
 
-def run(cmd: list, what: str, peak: dict | None = None) -> str:
-    """The command's output; it must succeed. peak: gets "mib", the process's own peak RSS."""
-    print("+", " ".join(map(str, cmd)), flush=True)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use, peak RSS included
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        text = ""
-        for f in (out, err):
-            f.seek(0)
-            text += f.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{text[-3000:]}")
-    if peak is not None:
-        peak["mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return text
 
 
 def conversion_args(row: Row, preset: str) -> list[str]:
@@ -382,11 +351,6 @@ def answer_scores(candidate: Path, questions: list[dict], threads: int = 2) -> d
     return {"answers_right": sum(a["right"] for a in answers), "answers_total": len(answers), "answers": answers}
 
 
-def git_commit() -> str:
-    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return proc.stdout.strip() + ("+uncommitted" if dirty else "") if proc.returncode == 0 else "unknown"
 
 
 def bench_command(model: Path, row: Row) -> str:
@@ -441,7 +405,7 @@ class Bench:
         # another chunk count is another protocol: its rows go to their own table
         suffix = "" if self.chunks == self.profile.chunks else f"-{self.chunks}chunks"
         self.json_path = RESULTS / f"quality-{self.name}{suffix}.json"
-        self.rows = json.loads(self.json_path.read_text()) if self.json_path.is_file() else []
+        self.rows = read_result(self.json_path)["rows"] if self.json_path.is_file() else []
         self.protocol = {"text": TEST_TEXT.name, "ctx": 512, "chunks": self.chunks}
 
     # --- files -----------------------------------------------------------------------------------------------
@@ -490,7 +454,7 @@ class Bench:
                       f"NanoQuant converter ({row.method})")
             out.with_suffix(".log").write_text(log)  # stage timings, losses and peak RSS of the conversion
         elif row.kind == "sign":
-            run([sys.executable, "-m", "nanoquant.baselines", "sign", self.f32(), partial(out)],
+            run([sys.executable, "-m", "bench.baselines", "sign", self.f32(), partial(out)],
                 "per-row sign baseline", peak)
             finish(out)
         return out, time.time() - start, peak.get("mib")
@@ -638,8 +602,7 @@ class Bench:
     def save(self) -> None:
         order = {row.method: i for i, row in enumerate(self.profile.rows)}
         self.rows.sort(key=lambda r: order.get(r["method"], len(order)))
-        self.json_path.write_text(json.dumps(self.rows, indent=1) + "\n")
-        self.json_path.with_suffix(".md").write_text(markdown(self.rows, self))
+        write_result(self.json_path, {"rows": self.rows}, meta(), markdown(self.rows, self))
         plot(self.rows, self.json_path.with_suffix(".png"), self.name, self.chunks)
 
 
@@ -647,17 +610,6 @@ def row_sign_bpw(path: Path) -> float:
     shapes = decoder_linear_shapes(path)
     return sum(o * i + 16 * o for o, i in shapes) / sum(o * i for o, i in shapes)
 
-
-# the widest vector extension the NQ1 table-lookup kernel uses on this CPU (cpp/nq1-lut.c), by /proc/cpuinfo flags
-SIMD_LEVELS = (("AVX-512", {"avx512vbmi", "avx512_vnni"}), ("AVX2", {"avx2", "fma"}), ("NEON", {"asimd"}))
-
-
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), []))
-    simd = next((name for name, needed in SIMD_LEVELS if needed <= flags), "no SIMD")
-    return f"{cpu}, {os.cpu_count()} cores, {simd}"
 
 
 def flat_record(record: dict, prefix: str = "") -> dict:

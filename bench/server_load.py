@@ -12,18 +12,13 @@ Q4_1 teacher by llama-quantize. Writes bench/results/server-load.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from nanoquant import serverload  # noqa: E402
-from malformed import DEFAULT_NQ  # noqa: E402
-from quality import BIN, DEFAULT_MODEL, RESULTS, machine  # noqa: E402
+from bench import serverload
+from bench.common import BIN, DEFAULT_MODEL, RESULTS, meta, write_result
+from bench.malformed import DEFAULT_NQ
 
 TEACHER = DEFAULT_MODEL
 SLOTS = (1, 2, 4)
@@ -88,7 +83,8 @@ def main(argv=None) -> int:
     if not args.nq.is_file():
         sys.exit(f"{args.nq}: no such file (the default is made by `bench/quality.py --rows 'NQ 1.0 (fast preset)'`)")
     q4 = args.q4 or q4_0(RESULTS / "SmolLM2-135M-Instruct" / "Q4_0.gguf")
-    report = {"machine": machine(),
+    made = meta(argv)
+    report = {"machine": made["machine"],
               "requests": args.requests, "max_tokens": args.max_tokens, "throughput": {}}
     for name, model in ((f"NQ ({args.nq.name})", args.nq), (f"Q4_0 ({q4.name})", q4)):
         report["throughput"][name] = []
@@ -97,8 +93,7 @@ def main(argv=None) -> int:
             print(f"{name}, {slots} slots: {row['tokens_per_s']} tok/s", flush=True)
             report["throughput"][name].append(row)
     report["robustness"] = robustness(args.nq)
-    (RESULTS / "server-load.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "server-load.md").write_text(markdown(report))
+    write_result(RESULTS / "server-load.json", report, made, markdown(report))
     print(markdown(report))
     return 0 if report["robustness"]["failed"] == 0 and report["robustness"]["server_alive_after"] else 1
 

@@ -89,10 +89,6 @@ def test_missing_model_and_bad_arguments(tmp_path):
 def test_python_api_refuses_bad_files_without_crashing(truncated, rank_mismatch, tiny_nq_models, tmp_path):
     """nanoquant.Model raises a clear exception for each bad file. The loads run in a child interpreter, so a
     crash fails this test (with its signal) instead of ending the whole test run."""
-    import json
-    import subprocess
-    import sys
-
     good = tiny_nq_models["llama"].read_bytes()
     cases = {
         "missing": (tmp_path / "missing.gguf", "FileNotFoundError", "no such model file"),

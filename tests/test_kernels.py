@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -100,8 +99,7 @@ def test_fused_lowrank_layer_equals_the_unfused_ops(tmp_path):
     """ggml-cpu runs a decode-sized NanoQuant layer ([MUL,] MUL_MAT, [MUL,] MUL_MAT, [MUL]: any of the scales may be
     missing) as one fused step (ggml_patches/0005): bit-identical to the ops that GGML_CPU_DISABLE_FUSION=1 runs one
     by one."""
-    child = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-             "from test_kernels import fusion_case_outputs; from nanoquant import _core; "
+    child = ("import numpy as np; from tests.test_kernels import fusion_case_outputs; from nanoquant import _core; "
              f"np.savez({str(tmp_path / 'unfused.npz')!r}, *fusion_case_outputs()); print(_core.nq1_fused_layers())")
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "GGML_CPU_DISABLE_FUSION": "1"})

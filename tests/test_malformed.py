@@ -1,4 +1,4 @@
-"""The malformed-file corpus (nanoquant.corpus) made from a valid tiny NQ file and from the same model as an ordinary
+"""The malformed-file corpus (bench.corpus) made from a valid tiny NQ file and from the same model as an ordinary
 file (its layers densified to F32): in llama-completion, llama-cli, llama-server, llama-bench and nanoquant.Model, no
 variant crashes or hangs, no structural defect is accepted, and every refusal carries its reason."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN
-from nanoquant import corpus
+from bench import corpus
 from nanoquant.reference import densify_gguf
 
 

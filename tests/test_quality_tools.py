@@ -1,7 +1,6 @@
 """The pieces bench/quality.py relies on: bits of the decoder linears counted from a file, the per-row sign baseline,
 the chat metric."""
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_tiny_model, run_tool
-from nanoquant.baselines import row_sign, write_sign_baseline
+from bench.baselines import row_sign, write_sign_baseline
 from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
 from nanoquant.reference import nq_layers, open_gguf
 
@@ -66,8 +65,7 @@ def test_sign_baseline_and_linear_bits(tmp_path, smol_tokenizer, tiny_nq_models)
 def test_random_sign_files_give_each_layer_its_base_layers_output_size(tmp_path, smol_tokenizer):
     """bench/decode.py's speed-only NQ files: other ops (attention's exp above all) must see activations of the base
     model's size, or they run at another speed than in the types compared."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import decode
+    from bench import decode
 
     f32 = tiny_f32_gguf(tmp_path, smol_tokenizer)
     base = {t.name[: -len(".weight")]: np.asarray(t.data, dtype=np.float64) for t in open_gguf(f32).tensors}
@@ -93,8 +91,7 @@ def _member_rows(rows: list[int]) -> list[tuple[int, int]]:
 
 
 def test_convert_seconds_come_from_the_converters_log(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    from quality import converter_seconds
+    from bench.quality import converter_seconds
 
     model = tmp_path / "NQ-1.0.gguf"
     assert converter_seconds(model) is None  # no log: the caller keeps its own clock
@@ -104,8 +101,7 @@ def test_convert_seconds_come_from_the_converters_log(tmp_path):
 
 
 def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "bench"))
-    import quality
+    from bench import quality
 
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
     model = tmp_path / "Model.Q4_1.gguf"
@@ -117,8 +113,7 @@ def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
 
 
 def test_rows_made_with_other_settings_than_their_command_gives_now_are_named():
-    sys.path.insert(0, str(REPO / "bench"))
-    import quality
+    from bench import quality
     from nanoquant.convert import settings_record
     from nanoquant.settings import PRESETS
 
@@ -146,8 +141,7 @@ def test_rows_made_with_other_settings_than_their_command_gives_now_are_named():
 
 
 def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
-    sys.path.insert(0, str(REPO / "bench"))
-    import decode
+    from bench import decode
 
     def rows(name, size, tg):
         return [dict(model="m", type=name, file=f"{name}.gguf", file_bytes=size, head="q4_0", bpw_linear=1.0,
@@ -168,10 +162,7 @@ def test_decode_table_gives_the_file_size_ratio_and_names_other_heads(capsys):
 
 
 def test_kernel_table_and_the_memory_streaming_shapes():
-    # by file: tests/kernels/ (the C kernel tests) would shadow a plain `import kernels`
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    from bench import kernels
 
     # the stream group: only NQ and Q4_0, batch 1, enough copies to leave a 32 MiB cache behind, its own label
     stream = list(kernels.configs(["stream"], [1, 2], [1, 128]))
@@ -207,8 +198,7 @@ def chat_models(tmp_path_factory, smol_tokenizer):
 
 
 def bench_quality():
-    sys.path.insert(0, str(REPO / "bench"))
-    import quality
+    from bench import quality
     return quality
 
 
@@ -297,7 +287,7 @@ def test_cached_rows_get_the_chat_metric_without_being_scored_again(chat_models,
     assert row["ppl"] == 9.5 and row["chat_top1"] >= 0.95 and math.isfinite(row["chat_ppl"])
     assert row["chat_protocol"]["max_tokens"] == 16 and row["chat_protocol"]["teacher"] == "F32.gguf"
     saved = json.loads(bench.json_path.read_text())
-    assert saved[0]["chat_top1"] == row["chat_top1"]
+    assert saved["meta"]["command"] and saved["meta"]["commit"] and saved["rows"][0]["chat_top1"] == row["chat_top1"]
     table = bench.json_path.with_suffix(".md").read_text()
     assert "| chat_top1 | chat_ppl | chat_answers |" in table
     assert f"| {row['chat_top1']:.3f} | {row['chat_ppl']:.2f} | {row['chat_answers']}/3 |" in table

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from conftest import CONVERTER, REPO, TINY_METHOD_ARGS, make_tiny_model, run_converter
+from conftest import CONVERTER, TINY_METHOD_ARGS, make_tiny_model, run_converter
 
 N_LAYERS = 4
 # enough STE steps that a block takes a visible moment, so the kill lands between blocks 1 and 3
@@ -16,8 +16,7 @@ def test_killed_conversion_resumes_to_identical_bytes(tmp_path, smol_tokenizer):
     reference = tmp_path / "uninterrupted.gguf"
     proc = run_converter(hf, "--outfile", reference, *ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sys.path.insert(0, str(REPO / "bench"))
-    from memory import STAGE_PEAK, STAGES  # bench/memory.py reads every stage's peak from these lines
+    from bench.memory import STAGE_PEAK, STAGES  # bench/memory.py reads every stage's peak from these lines
     assert {m.group(1) for m in STAGE_PEAK.finditer(proc.stdout)} == STAGES, proc.stdout[-3000:]
 
     out = tmp_path / "resumed.gguf"

@@ -1,11 +1,11 @@
-"""llama-server with the NQ model under concurrent load (nanoquant.serverload): 4 slots, 8 openai clients, streamed and
+"""llama-server with the NQ model under concurrent load (bench.serverload): 4 slots, 8 openai clients, streamed and
 plain chat completions, some dropped mid-stream; no request fails and the server is alive after it."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import BIN
-from nanoquant import serverload
+from bench import serverload
 
 pytest.importorskip("openai", reason="the openai client comes with requirements.txt")
 

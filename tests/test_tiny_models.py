@@ -58,35 +58,15 @@ def test_llama_quantize_requantizes_ordinary_tensors_and_copies_nq(tiny_nq_model
 
 def test_llama_server_serves_the_nq_model(tiny_nq_models):
     import json
-    import socket
-    import subprocess
-    import time
     import urllib.request
 
+    from bench.serverload import Server
     from conftest import BIN
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(BIN / "llama-server"), "-m", str(tiny_nq_models["qwen3"]), "--host", "127.0.0.1",
-                               "--port", str(port), "-t", "2", "-c", "512"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        request = urllib.request.Request(f"{base}/completion", method="POST",
+    with Server(BIN, tiny_nq_models["qwen3"], ctx_per_slot=512) as server:
+        request = urllib.request.Request(f"{server.url}/completion", method="POST",
                                          data=json.dumps({"prompt": "Hello", "n_predict": 4}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             reply = json.loads(r.read())
         assert r.status == 200 and reply["tokens_predicted"] == 4 and isinstance(reply["content"], str)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -221,8 +221,8 @@ OPTIONS: tuple[Option, ...] = (
            "option; default as in its 1-2-bit mixes: Q5_K, or Q8_0 where 256 does not divide its rows)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
     Option("--matmul", "matmul", str,
-           "dtype of the large products of ADMM and of the statistics pass: auto (bfloat16 on a GPU and on a CPU with "
-           "AVX512-BF16 or AMX), float32 or bfloat16 (accumulated in float32 either way)",
+           "dtype of the large products of the statistics pass, ADMM, STE tuning and distillation: auto (bfloat16 on "
+           "a GPU and on a CPU with AVX512-BF16 or AMX), float32 or bfloat16 (losses and accumulation in float32)",
            choices=(MATMUL_AUTO, *MATMUL_DTYPES)),
     Option("--device", "device", str, "where torch computes every stage: auto (cuda when torch sees a GPU), cpu or cuda",
            choices=DEVICES),

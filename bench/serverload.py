@@ -1,4 +1,4 @@
-"""llama-server under concurrent load, driven by the `openai` client: the server check of issue #21.
+"""llama-server under concurrent load, driven by the `openai` client, and the one llama-server launcher.
 
 A run starts llama-server on a loopback port (`-np` slots, continuous batching, which llama-server does by default),
 then CLIENTS threads send chat completions, streamed and not, a bounded number each; some streamed requests are
@@ -36,15 +36,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """llama-server on 127.0.0.1 for the life of a `with` block."""
+class ServerFailed(RuntimeError):
+    """llama-server ended or did not answer /health in time; returncode is None when it was still running."""
 
-    def __init__(self, bin_dir: Path, model: Path, slots: int, ctx_per_slot: int = 1024, threads: int = 2):
+    def __init__(self, message: str, returncode: int | None, output: str):
+        super().__init__(message)
+        self.returncode, self.output = returncode, output
+
+
+class Server:
+    """llama-server on 127.0.0.1 for the life of a `with` block: the one launcher of the tests and benchmarks.
+    Entering waits for /health and raises ServerFailed (with the server's output) if it ends or times out first."""
+
+    def __init__(self, bin_dir: Path, model: Path, slots: int = 1, ctx_per_slot: int = 1024, threads: int = 2,
+                 extra: tuple[str, ...] = (), start_timeout_s: float = START_TIMEOUT_S):
         self.port = free_port()
         self.cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                    "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "--no-webui"]
+                    "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "--no-webui", *extra]
+        self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -60,16 +72,25 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.healthy()
 
+    def output(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None and self._reader is not None:
+            self._reader.join(5)  # the whole output of an ended server
+        return "".join(self.log)
+
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", stdin=subprocess.DEVNULL)
-        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
+        self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + self.start_timeout_s
         while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            ended = self.proc.poll()
+            if ended is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"llama-server did not start ({' '.join(self.cmd)}):\n" + "".join(self.log[-30:]))
-            time.sleep(0.2)
+                what = f"ended with {ended}" if ended is not None else f"did not answer in {self.start_timeout_s:.0f} s"
+                output = self.output()
+                raise ServerFailed(f"llama-server {what} ({' '.join(self.cmd)}):\n" + output[-3000:], ended, output)
+            time.sleep(0.1)
         return self
 
     def __exit__(self, *exc) -> None:

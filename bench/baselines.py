@@ -1,6 +1,6 @@
 """Baselines for the quality table that llama.cpp has no type for.
 
-    python -m nanoquant.baselines sign F32.gguf OUT.gguf
+    python -m bench.baselines sign F32.gguf OUT.gguf
 
 `sign`: every decoder linear weight becomes alpha_row * sign(W) with alpha_row = mean |W_row| (the L2-optimal row
 scale), the naive 1-bit binarisation. It is stored as F16 so stock kernels can score it; its bits are counted as
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from .fileinfo import DECODER_LINEAR
-from .gguf_writer import copy_metadata, finish_gguf
+from nanoquant.fileinfo import DECODER_LINEAR
+from nanoquant.gguf_writer import copy_metadata, finish_gguf
 
 
 def row_sign(weight: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     try:
         n = write_sign_baseline(args.model, args.out)
     except (ValueError, OSError, KeyError) as e:
-        print(f"nanoquant.baselines: error: {e}", file=sys.stderr)
+        print(f"bench.baselines: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {n} decoder linear layers binarised per row")
     return 0

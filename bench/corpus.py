@@ -8,7 +8,7 @@ in the signs of a factor or in a weight's low mantissa: still a valid file of ot
 crash a tool (a signal), hang it, or end the Python process.
 
 The same generator serves NQ files and ordinary ones: defects that need NanoQuant tensors apply to NQ files only.
-    python -m nanoquant.corpus FILE.gguf OUT_DIR     writes the variants of FILE (for looking at them by hand)
+    python -m bench.corpus FILE.gguf OUT_DIR     writes the variants of FILE (for looking at them by hand)
 bench/malformed.py runs every variant through every tool and writes the counts the README shows.
 """
 from __future__ import annotations
@@ -21,8 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,9 +29,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import formats
-from .gguf_writer import rewrite_gguf
-from .serverload import free_port
+from nanoquant import formats
+from nanoquant.gguf_writer import rewrite_gguf
+
+from bench.serverload import Server, ServerFailed
 
 STRUCTURAL, DATA = "structural", "data"
 REFUSED, ACCEPTED, CRASH, HANG, NO_REASON = "refused", "accepted", "crash", "hang", "refused without the reason"
@@ -431,31 +430,11 @@ def run_line_tool(bin_dir: Path, tool: str, path: Path, reason: str) -> Outcome:
 
 def run_server(bin_dir: Path, path: Path, reason: str) -> Outcome:
     """llama-server on loopback: a refused file ends the server with its reason; an accepted one answers /health."""
-    port = free_port()
-    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
-                             "-np", "1", "-c", "256", "-t", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace")
-    deadline = time.monotonic() + TIMEOUT_S
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return _judge(proc.returncode, proc.stdout.read(), reason, path)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return Outcome(ACCEPTED, "")
-            except OSError:
-                pass
-            time.sleep(0.1)
-        return _judge(None, "", reason, path)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with Server(bin_dir, path, ctx_per_slot=256, start_timeout_s=TIMEOUT_S):
+            return Outcome(ACCEPTED, "")
+    except ServerFailed as failed:
+        return _judge(failed.returncode, failed.output if failed.returncode is not None else "", reason, path)
 
 
 _LOAD_SCRIPT = """
@@ -535,7 +514,7 @@ def failures(made: dict[str, tuple[Defect, Path]], results: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanoquant.corpus", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
