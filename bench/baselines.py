@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from nanoquant.fileinfo import DECODER_LINEAR
-from nanoquant.gguf_writer import copy_metadata, finish_gguf
+from nanoquant.fileformat.info import DECODER_LINEAR
+from nanoquant.fileformat.writer import copy_metadata, finish_gguf
 
 
 def row_sign(weight: np.ndarray) -> np.ndarray:

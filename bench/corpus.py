@@ -29,8 +29,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from nanoquant import formats
-from nanoquant.gguf_writer import rewrite_gguf
+from nanoquant.fileformat import nq1
+from nanoquant.fileformat.writer import rewrite_gguf
 
 from bench.serverload import Server, ServerFailed
 
@@ -72,10 +72,10 @@ class Anchors:
         types = {t.name: T(t.tensor_type) for t in reader.tensors}
         arch = str(reader.fields["general.architecture"].contents())
         n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
-        bases = [n[: -len(formats.SUFFIX_V) - 1] for n in names if n.endswith("." + formats.SUFFIX_V)]
-        nq_base = max(bases, key=lambda b: sum(f"{b}.{s}" in names for s in formats.SCALE_SUFFIXES)) if bases else None
+        bases = [n[: -len(nq1.SUFFIX_V) - 1] for n in names if n.endswith("." + nq1.SUFFIX_V)]
+        nq_base = max(bases, key=lambda b: sum(f"{b}.{s}" in names for s in nq1.SCALE_SUFFIXES)) if bases else None
         norm = next(n for n in names if n.startswith("blk.0.") and n.endswith("norm.weight"))
-        linear = f"{nq_base}.{formats.SUFFIX_V}" if nq_base else next(
+        linear = f"{nq_base}.{nq1.SUFFIX_V}" if nq_base else next(
             n for n in names if n.startswith("blk.0.") and n.endswith(".weight") and "norm" not in n)
         return Anchors(arch, n_blocks, names, types, nq_base, norm, linear)
 
@@ -122,7 +122,7 @@ def _rewrite(fn):
 
 def _float_values(data, dtype):
     if dtype == T.NQ1:
-        return formats.unpack_signs(data, data.shape[-1] * 8)
+        return nq1.unpack_signs(data, data.shape[-1] * 8)
     return gguf.quants.dequantize(data, dtype).astype(np.float32)
 
 
@@ -130,7 +130,7 @@ def _as(target: T):
     def fn(data, dtype, a):
         values = _float_values(data, dtype)
         if target == T.NQ1:
-            return formats.pack_signs(np.where(values.reshape(1, -1) < 0, -1.0, 1.0)), T.NQ1
+            return nq1.pack_signs(np.where(values.reshape(1, -1) < 0, -1.0, 1.0)), T.NQ1
         if target in (T.F32, T.F16):
             return values.astype(np.float32 if target == T.F32 else np.float16), target
         return gguf.quants.quantize(values.reshape(-1, values.shape[-1]), target), target
@@ -157,15 +157,15 @@ def _v_rows_added(rows: int):
 def _narrower(data, dtype):
     """32 columns fewer: 32 values of a float tensor, or the bytes of 32 of a quantized one."""
     block, size = gguf.GGML_QUANT_SIZES[dtype]
-    cut = formats.BLOCK if dtype in (T.F32, T.F16) else size * formats.BLOCK // block
+    cut = nq1.BLOCK if dtype in (T.F32, T.F16) else size * nq1.BLOCK // block
     return np.ascontiguousarray(data[..., :-cut]), dtype
 
 
 def _rank_zero(tensors, a):
-    v, u = _tensor(tensors, a.nq(formats.SUFFIX_V)), _tensor(tensors, a.nq(formats.SUFFIX_U))
+    v, u = _tensor(tensors, a.nq(nq1.SUFFIX_V)), _tensor(tensors, a.nq(nq1.SUFFIX_U))
     v[1] = v[1][:0]
     u[1] = u[1][:, :0]
-    for s in (formats.SUFFIX_S_MID,):
+    for s in (nq1.SUFFIX_S_MID,):
         if a.nq(s) in a.names:
             tensors.remove(_tensor(tensors, a.nq(s)))
 
@@ -179,7 +179,7 @@ def _add(name_of, data_of, dtype):
 
 
 def _dense_beside(tensors, a):
-    v, u = _tensor(tensors, a.nq(formats.SUFFIX_V))[1], _tensor(tensors, a.nq(formats.SUFFIX_U))[1]
+    v, u = _tensor(tensors, a.nq(nq1.SUFFIX_V))[1], _tensor(tensors, a.nq(nq1.SUFFIX_U))[1]
     tensors.append([f"{a.nq_base}.weight", np.zeros((u.shape[0], v.shape[1] * 8), np.float32), T.F32])
 
 
@@ -268,10 +268,10 @@ def _tensor_infos_start(reader: gguf.GGUFReader) -> int:
     return reader.tensors[0].field.offset
 
 
-V = lambda a: a.nq(formats.SUFFIX_V)  # noqa: E731
-U = lambda a: a.nq(formats.SUFFIX_U)  # noqa: E731
-S_PRE = lambda a: a.nq(formats.SUFFIX_S_PRE)  # noqa: E731
-S_POST = lambda a: a.nq(formats.SUFFIX_S_POST)  # noqa: E731
+V = lambda a: a.nq(nq1.SUFFIX_V)  # noqa: E731
+U = lambda a: a.nq(nq1.SUFFIX_U)  # noqa: E731
+S_PRE = lambda a: a.nq(nq1.SUFFIX_S_PRE)  # noqa: E731
+S_POST = lambda a: a.nq(nq1.SUFFIX_S_POST)  # noqa: E731
 NORM = lambda a: a.norm  # noqa: E731
 LINEAR = lambda a: a.linear  # noqa: E731
 BLOCK_COUNT = lambda a: f"{a.arch}.block_count"  # noqa: E731
@@ -348,7 +348,7 @@ DEFECTS: tuple[Defect, ...] = (
     Defect("missing-u", STRUCTURAL, _named(U), _drop(U), applies=_nq),
     Defect("dense-beside-nq", STRUCTURAL, lambda a: f"{a.nq_base}.weight", _rewrite(_dense_beside), applies=_nq),
     Defect("nq-on-a-norm", STRUCTURAL, lambda a: a.norm[: -len(".weight")],
-           _add(lambda a: a.norm[: -len("weight")] + formats.SUFFIX_V,
+           _add(lambda a: a.norm[: -len("weight")] + nq1.SUFFIX_V,
                 lambda tensors, a: _tensor(tensors, V(a))[1].copy(), T.NQ1), applies=_nq),
     Defect("nq-beyond-last-block", STRUCTURAL, lambda a: _last_block_plus_one(V(a), a),
            _add(lambda a: _last_block_plus_one(V(a), a), lambda tensors, a: _tensor(tensors, V(a))[1].copy(), T.NQ1), applies=_nq),

@@ -116,7 +116,7 @@ def qwen15_files(threads: int, head: str) -> dict[str, Path]:
 def synthetic_base(folder: Path) -> Path:
     """An F16 Llama GGUF with random weights (std 0.02) and SmolLM2's tokenizer."""
     import gguf
-    from nanoquant.gguf_writer import copy_metadata, finish_gguf
+    from nanoquant.fileformat.writer import copy_metadata, finish_gguf
 
     out = folder / "F16.gguf"
     if out.is_file():
@@ -157,9 +157,9 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "
     made flash attention a tenth of the NQ model's token time at tg64, against 1% for Q4_0). shared_v "qkv": each
     block's q, k and v as one fused attn_qkv layer at the rank of their stacked shape, as `--shared-v qkv` writes."""
     import gguf
-    from nanoquant import formats
-    from nanoquant.fileinfo import DECODER_LINEAR
-    from nanoquant.gguf_writer import NQLayerTensors, TensorTypes, write_nq_gguf
+    from nanoquant.fileformat import nq1
+    from nanoquant.fileformat.info import DECODER_LINEAR
+    from nanoquant.fileformat.writer import NQLayerTensors, TensorTypes, write_nq_gguf
 
     if out.is_file():
         return out
@@ -174,14 +174,14 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "
     layers = []
     for name, tensors in groups.items():
         d_in, d_out = int(tensors[0].shape[0]), sum(int(t.shape[1]) for t in tensors)
-        rank = formats.rank_for_bpw(d_out, d_in, bpw)
+        rank = nq1.rank_for_bpw(d_out, d_in, bpw)
         post = np.concatenate([np.full(int(t.shape[1]), np.sqrt(np.mean(np.square(t.data, dtype=np.float64))) /
                                        np.sqrt(rank), np.float32) for t in tensors])
         layers.append(NQLayerTensors(base=name, u=signs(d_out, rank), v=signs(rank, d_in),
                                      s_pre=np.ones(d_in, np.float32), s_post=post,
                                      replaces=tuple(t.name[: -len(".weight")] for t in tensors)))
-    meta = {formats.KEY_VERSION: (formats.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
-            formats.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
+    meta = {nq1.KEY_VERSION: (nq1.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
+            nq1.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
     write_nq_gguf(base, out, layers, TensorTypes.every(gguf.GGMLQuantizationType[head.upper()]), meta)
     return out
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
                     samples.setdefault((model, name, threads, test), []).append(tps)
         print(f"repetition {rep + 1}/{args.reps} done", flush=True)
 
-    from nanoquant.fileinfo import decoder_linear_bits
+    from nanoquant.fileformat.info import decoder_linear_bits
     bpw = {key: (lambda b: b[0] / b[1])(decoder_linear_bits(path)) for key, path in files.items()}
     made = common.meta(argv)
     rows = [{"model": m, "type": n, "file": files[(m, n)].name, "file_bytes": files[(m, n)].stat().st_size,

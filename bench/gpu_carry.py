@@ -131,9 +131,11 @@ def write_conversations(teacher: Path, out: Path) -> dict:
     chat window count, chat_conversations (the teacher's answers, seeded, through llama.cpp and _core)."""
     from transformers import AutoTokenizer
 
-    from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS, read_conversations
-    from nanoquant.convert import Source, build_parser, chat_conversations, chat_window_count
-    from nanoquant.settings import settings_from_args
+    from nanoquant.convert.calibration import DEFAULT_CHAT_INSTRUCTIONS, read_conversations
+    from nanoquant.convert.pipeline import build_parser
+    from nanoquant.convert.source import Source
+    from nanoquant.convert.windows import chat_conversations, chat_window_count
+    from nanoquant.convert.settings import settings_from_args
 
     settings = settings_from_args(build_parser().parse_args([str(teacher), "--outfile", "unused.gguf",
                                                              "--preset", "fast"]))

@@ -7,7 +7,7 @@ Shapes: synthetic-1b is bench/decode.py's (hidden 2048, MLP 5632, 22 blocks, 32 
 vocabulary size); synthetic-7b is Llama-2-7B's (hidden 4096, MLP 11008, 32 blocks, 32 heads, vocabulary 32000).
 Unlike bench/decode.py (which quantizes an F16 base with llama-quantize, too slow at 7B for a 10-minute device
 check), the files are written directly: Q4_0 and Q8_0 blocks of random quants with one fixed scale, NQ1 factors of
-random packed signs at the method's ranks (nanoquant.formats.rank_for_bpw), s_post sized like bench/decode.py's so
+random packed signs at the method's ranks (nanoquant.fileformat.nq1.rank_for_bpw), s_post sized like bench/decode.py's so
 activations keep their scale, a synthetic SentencePiece vocabulary. Both files of a shape share the head type (Q8_0)
 and the attention and norm tensors' layout, so their difference is the linear layers. Needs numpy and the patched
 gguf-py of vendor/llama.cpp only (no torch, no nanoquant extension), so it runs on a device machine.
@@ -27,8 +27,8 @@ import gguf  # noqa: E402  (the patched gguf-py: it knows NQ1)
 
 
 def _load_formats():
-    """nanoquant/formats.py alone (numpy and gguf only): the package's __init__ loads the CPU extension."""
-    spec = importlib.util.spec_from_file_location("nanoquant_formats", REPO / "python" / "nanoquant" / "formats.py")
+    """nanoquant/fileformat/nq1.py alone (numpy and gguf only): the package's __init__ loads the CPU extension."""
+    spec = importlib.util.spec_from_file_location("nanoquant_formats", REPO / "python" / "nanoquant" / "fileformat" / "nq1.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)

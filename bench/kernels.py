@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from nanoquant import _core
-from nanoquant.formats import LayerBits, rank_for_bpw
+from nanoquant.fileformat.nq1 import LayerBits, rank_for_bpw
 
 from bench.common import RESULTS, meta, write_result
 

@@ -28,8 +28,8 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, 
              vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 FULL_DEPTH = 32
 
-from nanoquant.reconstruct import RECOMPUTE_ABOVE_BYTES
-from nanoquant.settings import PRESETS
+from nanoquant.convert.reconstruct import RECOMPUTE_ABOVE_BYTES
+from nanoquant.convert.settings import PRESETS
 
 from bench.common import REPO, RESULTS, meta, write_result
 STAGE_PEAK = re.compile(r"^([a-z ]+):.*?peak RSS (\d+) MiB$", re.MULTILINE)  # the converter's stage lines

@@ -47,10 +47,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nanoquant.calibration import DEFAULT_CHAT_INSTRUCTIONS
-from nanoquant.convert import build_parser, settings_record
-from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
-from nanoquant.settings import settings_from_args
+from nanoquant.convert.calibration import DEFAULT_CHAT_INSTRUCTIONS
+from nanoquant.convert.output import settings_record
+from nanoquant.convert.pipeline import build_parser
+from nanoquant.fileformat.info import decoder_linear_bits, decoder_linear_shapes, describe
+from nanoquant.convert.settings import settings_from_args
 
 from bench.common import (BIN, CALIB_TEXT, DEFAULT_MODEL, REPO, RESULTS, TEST_TEXT, finish, git_commit, machine, meta,
                           partial, read_result, run, write_result)
@@ -210,7 +211,7 @@ def work_key(args: list[str]) -> str:
     """The work folder of a conversion: a digest of the settings it resolves to, leaving out those that only decide
     how the file is written (tensor types), so a row that differs from another in those alone is written from the
     other's kept folder in a minute (the converter checks the folder's identity itself)."""
-    from nanoquant.settings import WRITE_ONLY
+    from nanoquant.convert.settings import WRITE_ONLY
 
     record = json.loads(settings_record(settings_from_args(build_parser().parse_args(
         ["model", "--outfile", "out.gguf", *args]))))
@@ -251,7 +252,7 @@ def converter_peak_mib(model: Path) -> float | None:
 def read_instructions(path: Path) -> list[str]:
     """One instruction a line (blank lines skipped). The converter's calibration list is refused, and so is an
     evaluation list sharing a line with it: a file tuned on an instruction would be scored on it."""
-    from nanoquant import calibration
+    from nanoquant.convert import calibration
 
     if path.resolve() == CHAT_CALIBRATION.resolve():
         raise ValueError(f"{path}: the calibration instructions are not an evaluation set")
@@ -312,7 +313,7 @@ def read_questions(path: Path) -> list[dict]:
     for q in questions:
         if not q.get("question") or not q.get("accept"):
             raise ValueError(f"{path}: every line needs a question and accepted answers, got {q}")
-    from nanoquant import calibration
+    from nanoquant.convert import calibration
 
     calibration_set = set(calibration.read_instructions(CHAT_CALIBRATION)) if CHAT_CALIBRATION.is_file() else set()
     shared = [q["question"] for q in questions if q["question"] in calibration_set]

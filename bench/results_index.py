@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/results_index.py            # writes bench/results/README.md and README.md's headline
     .venv/bin/python bench/results_index.py --check    # exit 1 if either is out of date (nothing written)
+    .venv/bin/python bench/results_index.py --answers  # print which files answer questions, by model (make demo)
 
 Every result file records how it was made ("meta": commit, machine, command, date; quality rows also per row). The
 index lists each file with those; the headline takes each model's quality table (the teacher, llama.cpp's 1-2-bit
@@ -141,6 +142,20 @@ def headline() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def answers_summary() -> str:
+    """Right answers to the short held-out questions, per model and row (the quality tables' answer metric)."""
+    lines = ["Right answers to short held-out questions (capitals, sums, colours), from the quality tables:"]
+    for path in sorted(RESULTS.glob("quality-*.json")):
+        rows = [r for r in read_result(path)["rows"] if "answers_right" in r and r["method"] in HEADLINE_ROWS]
+        if rows:
+            model = re.fullmatch(r"quality-(.+)\.json", path.name).group(1)
+            cells = ", ".join(f"{r['method']} {r['answers_right']}/{r['answers_total']}" for r in rows)
+            lines.append(f"  {model}: {cells}  (bench/results/{path.name})")
+    if len(lines) == 1:
+        lines.append("  none recorded yet: bench/quality.py makes them")
+    return "\n".join(lines) + "\n"
+
+
 def with_headline(readme: str, table: str) -> str:
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"{README}: the markers {BEGIN!r} and {END!r} are missing")
@@ -151,7 +166,11 @@ def with_headline(readme: str, table: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated text is out of date")
+    p.add_argument("--answers", action="store_true", help="write nothing; print the answer metric of every table")
     args = p.parse_args(argv)
+    if args.answers:
+        print(answers_summary(), end="")
+        return 0
     files = sorted(RESULTS.glob("*.json"))
     wanted = {INDEX: index_markdown(files), README: with_headline(README.read_text(), headline())}
     stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]

@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / "build" / "bin"
+# the converter run in-process takes llama.cpp's Hugging Face converter from the checkout's patched tree, as the
+# checkout's command line does (an installed wheel carries its own: tests/test_wheel.py)
+os.environ.setdefault("NANOQUANT_LLAMA_CPP", str(REPO / "vendor" / "llama.cpp"))
 SMOL_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONVERTER = REPO / "convert" / "convert-hf-to-nq-gguf.py"

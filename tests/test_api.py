@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BIN, REPO, llama_perplexity, run_tool
 from nanoquant import ContextOverflowError, Model, _core
-from nanoquant.model import _cut_at_stops
+from nanoquant.runtime.model import _cut_at_stops
 
 PROMPT = "The history of the city begins"
 
@@ -198,7 +198,7 @@ def test_info_describes_the_nq_layers(smol):
     assert len(info["nq_layers"]) == 30 * 7
     assert all(l["rank"] % 32 == 0 and l["rank"] >= 32 for l in info["nq_layers"])
     assert 0.995 <= info["bpw_linear"] <= 1.0
-    from nanoquant.settings import PRESETS
+    from nanoquant.convert.settings import PRESETS
     fast, made = PRESETS["fast"], info["conversion_settings"]  # conftest's smol_nq: --preset fast
     assert (made["bpw"], made["calib_windows"], made["admm"]["iterations"], made["distill"]["steps"]) == \
         (1.0, fast.calib_windows, fast.admm.iterations, fast.distill.steps)

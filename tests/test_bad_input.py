@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import load_in_child, make_tiny_model, run_converter, run_tool
-from nanoquant import formats
-from nanoquant.gguf_writer import rewrite_gguf
+from nanoquant.fileformat import nq1
+from nanoquant.fileformat.writer import rewrite_gguf
 from nanoquant.reference import NQFormatError, load_reference_model
 
 TOOLS = ("llama-completion", "llama-perplexity")
@@ -43,7 +43,7 @@ def rank_mismatch(tiny_nq_models, tmp_path_factory):
     def widen(tensors):
         t = next(t for t in tensors if t[0] == "blk.0.attn_q.nq_u")
         d_out, rank = t[1].shape[0], t[1].shape[1] * 8
-        t[1] = formats.pack_signs(np.ones((d_out, rank + 32), dtype=np.float32))
+        t[1] = nq1.pack_signs(np.ones((d_out, rank + 32), dtype=np.float32))
     return rewrite_gguf(tiny_nq_models["llama"], tmp_path_factory.mktemp("bad") / "rank-mismatch.gguf", widen)
 
 
@@ -174,7 +174,7 @@ def test_converter_failure_before_progress_leaves_no_work_folder(tmp_path, smol_
 
 def test_writer_refuses_a_non_finite_scale(tiny_nq_models, tmp_path):
     """The converter's last step: a diverged scale stops the write, and nothing lands under the output's name."""
-    from nanoquant.gguf_writer import NQLayerTensors, TensorTypes, write_nq_gguf
+    from nanoquant.fileformat.writer import NQLayerTensors, TensorTypes, write_nq_gguf
 
     reader = gguf.GGUFReader(tiny_nq_models["llama"])
     tensors = {t.name: t for t in reader.tensors}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_METHOD_ARGS, make_tiny_model, run_converter
-from nanoquant.calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, chat_windows, read_conversations,
-                                   read_instructions, text_windows, window_bos)
+from nanoquant.convert.calibration import (DEFAULT_CHAT_INSTRUCTIONS, CalibrationError, chat_windows,
+                                           read_conversations, read_instructions, text_windows, window_bos)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}],
@@ -72,10 +72,10 @@ def test_bad_conversation_files_name_the_line(tmp_path):
 
 
 def test_every_option_sets_a_settings_field_and_the_seed_is_in_one_place(capsys):
-    from nanoquant.admm import AdmmSettings
-    from nanoquant.convert import build_parser
-    from nanoquant.reconstruct import DistillSettings, TuneSettings
-    from nanoquant.settings import OPTIONS, PRESETS, settings_from_args, value_at
+    from nanoquant.convert.admm import AdmmSettings
+    from nanoquant.convert.pipeline import build_parser
+    from nanoquant.convert.reconstruct import DistillSettings, TuneSettings
+    from nanoquant.convert.settings import OPTIONS, PRESETS, settings_from_args, value_at
 
     for stage in (AdmmSettings, TuneSettings, DistillSettings):
         assert "seed" not in {f.name for f in fields(stage)}, stage  # every stage reads ConvertSettings.seed

@@ -36,19 +36,20 @@ def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, smol_tok
 
 
 def test_the_device_is_not_part_of_the_record_nor_of_the_work_folder(tmp_path):
-    from nanoquant.convert import _identity, settings_record
-    from nanoquant.settings import ConvertSettings
+    from nanoquant.convert.checkpoint import work_identity
+    from nanoquant.convert.output import settings_record
+    from nanoquant.convert.settings import ConvertSettings
 
     source = tmp_path / "model.gguf"
     source.write_bytes(b"x")
     auto = ConvertSettings()
     for device in ("cpu", "cuda"):
-        assert _identity(source, replace(auto, device=device)) == _identity(source, auto)
+        assert work_identity(source, replace(auto, device=device)) == work_identity(source, auto)
         assert settings_record(replace(auto, device=device)) == settings_record(auto)
 
 
 def test_auto_is_the_gpu_when_torch_sees_one():
-    from nanoquant.settings import torch_device
+    from nanoquant.convert.settings import torch_device
 
     assert torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert torch_device("cpu") == torch.device("cpu")

@@ -3,16 +3,17 @@ import gguf
 import numpy as np
 import pytest
 
-from nanoquant import _core, formats
+from nanoquant import _core
+from nanoquant.fileformat import nq1
 
 SHAPES = [(1, 32), (3, 96), (7, 576), (5, 1536), (160, 576), (32, 160)]
 
 
 def test_type_ids_agree():
-    assert _core.NQ1_TYPE_ID == int(gguf.GGMLQuantizationType.NQ1) == int(formats.NQ1)
+    assert _core.NQ1_TYPE_ID == int(gguf.GGMLQuantizationType.NQ1) == int(nq1.NQ1)
     assert _core.NQ1_LLAMA_FTYPE_ID == int(gguf.LlamaFileType.MOSTLY_NQ1)
     assert _core.type_name(_core.NQ1_TYPE_ID) == "nq1"
-    assert gguf.GGML_QUANT_SIZES[formats.NQ1] == (_core.NQ1_BLOCK_SIZE, _core.NQ1_BLOCK_BYTES) == (32, 4)
+    assert gguf.GGML_QUANT_SIZES[nq1.NQ1] == (_core.NQ1_BLOCK_SIZE, _core.NQ1_BLOCK_BYTES) == (32, 4)
 
 
 def _sign_matrix(rows, cols, seed):
@@ -27,24 +28,24 @@ def _sign_matrix(rows, cols, seed):
 @pytest.mark.parametrize("rows,cols", SHAPES)
 def test_python_packer_matches_ggml(rows, cols):
     x = _sign_matrix(rows, cols, rows * 1000 + cols)
-    packed = formats.pack_signs(x)
+    packed = nq1.pack_signs(x)
     assert packed.shape == (rows, cols // 8)
     np.testing.assert_array_equal(packed, _core.quantize_rows(x, _core.NQ1_TYPE_ID))
     unpacked = _core.dequantize_rows(packed, _core.NQ1_TYPE_ID, cols)
     np.testing.assert_array_equal(unpacked, np.where(x < 0, -1.0, 1.0))
-    np.testing.assert_array_equal(formats.unpack_signs(packed, cols), unpacked)
+    np.testing.assert_array_equal(nq1.unpack_signs(packed, cols), unpacked)
 
 
 def test_bit_layout_is_lsb_first_and_one_means_minus_one():
     x = np.ones((1, 32), dtype=np.float32)
     x[0, 0] = x[0, 9] = x[0, 31] = -1
-    word = int.from_bytes(formats.pack_signs(x).tobytes(), "little")
+    word = int.from_bytes(nq1.pack_signs(x).tobytes(), "little")
     assert word == (1 << 0) | (1 << 9) | (1 << 31)
 
 
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="multiple of 32"):
-        formats.pack_signs(np.ones((2, 40)))
+        nq1.pack_signs(np.ones((2, 40)))
     with pytest.raises(ValueError, match="multiple of"):
         _core.quantize_rows(np.ones((2, 40), dtype=np.float32), _core.NQ1_TYPE_ID)
     with pytest.raises(ValueError, match="importance matrix"):
@@ -58,7 +59,7 @@ def test_bad_shapes_are_rejected():
     (192, 576, 0.55, 32), (4096, 4096, 1.0, 2016), (64, 64, 8.0, 224),  # no cap at min(d_out, d_in)
 ])
 def test_rank_rule(d_out, d_in, bpw, expected):
-    r = formats.rank_for_bpw(d_out, d_in, bpw)
+    r = nq1.rank_for_bpw(d_out, d_in, bpw)
     assert r == expected and r % 32 == 0
     if r > 32:
-        assert formats.LayerBits(d_out, d_in, r).bpw <= bpw
+        assert nq1.LayerBits(d_out, d_in, r).bpw <= bpw

@@ -7,7 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
-from nanoquant import _core, formats
+from nanoquant import _core
+from nanoquant.fileformat import nq1
 
 
 def _signs(rows, cols, rng):
@@ -24,7 +25,7 @@ def test_simd_vec_dot_equals_scalar_reference(n):
     signs = _signs(9, n, rng)
     acts = rng.standard_normal((5, n)).astype(np.float32) * rng.uniform(0.01, 10, (5, 1)).astype(np.float32)
     acts[0] = 0.0
-    packed = formats.pack_signs(signs)
+    packed = nq1.pack_signs(signs)
     q8 = _core.quantize_rows(acts, _core.Q8_0_TYPE_ID)
     simd = _core.vec_dot_nq1_q8_0(packed, q8, n)
     scalar = _core.vec_dot_nq1_q8_0(packed, q8, n, reference=True)
@@ -45,7 +46,7 @@ def test_lowrank_binary_matmul_matches_float64(d_out, d_in, rank, tokens, with_m
     s_mid = rng.uniform(0.5, 2.0, rank).astype(np.float32) if with_mid else None
     s_post = rng.uniform(0.001, 0.01, d_out).astype(np.float32)
     x = rng.standard_normal((tokens, d_in)).astype(np.float32)
-    y = _core.lowrank_binary_matmul(x, formats.pack_signs(v), formats.pack_signs(u), s_pre, s_mid, s_post, 2)
+    y = _core.lowrank_binary_matmul(x, nq1.pack_signs(v), nq1.pack_signs(u), s_pre, s_mid, s_post, 2)
     t = (x.astype(np.float64) * s_pre) @ v.T.astype(np.float64)
     if with_mid:
         t = t * s_mid

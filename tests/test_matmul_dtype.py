@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoquant import admm
-from nanoquant.admm import AdmmSettings, factorize, relative_error, resolve_matmul
-from nanoquant.settings import PRESETS, ConvertSettings, TuneSettings, resolved
+from nanoquant.convert import admm
+from nanoquant.convert.admm import AdmmSettings, factorize, relative_error, resolve_matmul
+from nanoquant.convert.settings import PRESETS, ConvertSettings, TuneSettings, resolved
 
 
 def test_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
@@ -44,7 +44,7 @@ def test_admm_in_bfloat16_fits_as_well_as_in_float32(shape, rank):
 def test_statistics_in_bfloat16_are_the_float32_moments(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nanoquant.calibration import HEAD, StatsCollector
+    from nanoquant.convert.calibration import HEAD, StatsCollector
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -83,7 +83,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def _factorised(model, block_index: int, cls):
-    from nanoquant.units import install_unit
+    from nanoquant.convert.units import install_unit
 
     block = model.model.layers[block_index]
     for i, name in enumerate(LINEARS):
@@ -95,9 +95,10 @@ def _factorised(model, block_index: int, cls):
 
 
 def test_ste_tuning_in_bfloat16_lowers_the_block_loss_as_float32_does():
-    from nanoquant.convert import _tuning_groups
-    from nanoquant.reconstruct import BlockLoss, TrainableLowRankBinary, block_loss, capture_block_inputs, tune_block
-    from nanoquant.reconstruct import run_block_batched
+    from nanoquant.convert.blocks import _tuning_groups
+    from nanoquant.convert.reconstruct import (BlockLoss, TrainableLowRankBinary, block_loss, capture_block_inputs,
+                                               tune_block)
+    from nanoquant.convert.reconstruct import run_block_batched
 
     windows = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(1))
     results = {}
@@ -119,8 +120,8 @@ def test_ste_tuning_in_bfloat16_lowers_the_block_loss_as_float32_does():
 
 
 def test_distillation_in_bfloat16_lowers_the_kl_as_float32_does():
-    from nanoquant.reconstruct import DistillSettings, FrozenLowRankBinary, capture_block_inputs, distill_scales
-    from nanoquant.reconstruct import run_block_batched
+    from nanoquant.convert.reconstruct import DistillSettings, FrozenLowRankBinary, capture_block_inputs, distill_scales
+    from nanoquant.convert.reconstruct import run_block_batched
 
     windows = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(2))
     results = {}

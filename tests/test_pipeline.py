@@ -4,10 +4,11 @@ import copy
 import pytest
 import torch
 
-from nanoquant.admm import AdmmSettings, factorize, relative_error
-from nanoquant.reconstruct import (BlockLoss, FrozenLowRankBinary, TrainableLowRankBinary, distill_scales, DistillSettings,
-                                   fixed_windows_kl, recomputed_in_backward, saved_activation_bytes, trainable_scale_offsets,
-                                   logits_from_hidden, run_block_batched, tune_block)
+from nanoquant.convert.admm import AdmmSettings, factorize, relative_error
+from nanoquant.convert.reconstruct import (BlockLoss, FrozenLowRankBinary, TrainableLowRankBinary, distill_scales,
+                                           DistillSettings, fixed_windows_kl, recomputed_in_backward,
+                                           saved_activation_bytes, trainable_scale_offsets, logits_from_hidden,
+                                           run_block_batched, tune_block)
 
 
 def test_admm_export_scale_is_right_even_with_few_iterations():
@@ -29,7 +30,7 @@ def _tiny_llama(n_layers: int = 1):
 
 
 def _block_data(model, windows):
-    from nanoquant.reconstruct import capture_block_inputs
+    from nanoquant.convert.reconstruct import capture_block_inputs
     return capture_block_inputs(model, windows)
 
 
@@ -142,7 +143,7 @@ def test_distillation_with_recomputed_activations_is_exact_and_keeps_less():
 
 
 def test_frozen_layer_backward_keeps_int8_signs_and_matches_the_float_product():
-    from nanoquant.admm import lowrank_binary_product
+    from nanoquant.convert.admm import lowrank_binary_product
 
     torch.manual_seed(0)
     layer = factorize(torch.randn(96, 64), 32, torch.ones(64), torch.ones(96), AdmmSettings(iterations=3))
@@ -173,17 +174,18 @@ def test_rank_bound_steps_follow_the_cost_of_the_ranks():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from nanoquant import formats
-    from nanoquant.architectures import architecture_for
-    from nanoquant.convert import MAX_STEP_GROWTH, build_parser, rank_scaled_settings
-    from nanoquant.settings import PRESETS, settings_from_args
+    from nanoquant.fileformat import nq1
+    from nanoquant.convert.architectures import architecture_for
+    from nanoquant.convert.blocks import MAX_STEP_GROWTH, rank_scaled_settings
+    from nanoquant.convert.pipeline import build_parser
+    from nanoquant.convert.settings import PRESETS, settings_from_args
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
     with torch.device("meta"):
         block = LlamaDecoderLayer(config, 0)
     arch = architecture_for("llama")
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-    cost = lambda bpw: sum(formats.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
+    cost = lambda bpw: sum(nq1.rank_for_bpw(o, i, bpw) * (o + i) for o, i in shapes)  # noqa: E731
     ratio = cost(1.0) / cost(2.0)
     assert 0.45 < ratio < 0.5  # no rank capped at min(m, n) any more
 
@@ -247,20 +249,20 @@ def test_scale_offsets_include_s_mid_for_tuning_and_distillation():
 
 
 def test_sign_maps_zero_and_negative_zero_to_plus_one_and_keeps_the_dtype():
-    from nanoquant.admm import sign
+    from nanoquant.convert.admm import sign
     x = torch.tensor([-2.0, -0.0, 0.0, 3.0, -1e-30], dtype=torch.float64)
     out = sign(x)
     assert out.dtype == torch.float64 and out.tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
 
 
 def test_auto_recompute_follows_the_measured_activations(monkeypatch, capsys):
-    from nanoquant import convert
+    from nanoquant.convert import reconstruct
     model = _student_with_factorised_attention(_tiny_llama(n_layers=2))
     data = _block_data(model, torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(4)))
-    assert convert._distill_recompute("auto", model.model.layers, data) is False  # kilobytes, under 2 GiB
-    monkeypatch.setattr(convert, "RECOMPUTE_ABOVE_BYTES", 1)
-    assert convert._distill_recompute("auto", model.model.layers, data) is True
-    assert convert._distill_recompute("off", model.model.layers, data) is False
+    assert reconstruct.distill_recompute("auto", model.model.layers, data) is False  # kilobytes, under 2 GiB
+    monkeypatch.setattr(reconstruct, "RECOMPUTE_ABOVE_BYTES", 1)
+    assert reconstruct.distill_recompute("auto", model.model.layers, data) is True
+    assert reconstruct.distill_recompute("off", model.model.layers, data) is False
     assert "recomputed in the backward" in capsys.readouterr().out
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, make_tiny_model, run_tool
 from bench.baselines import row_sign, write_sign_baseline
-from nanoquant.fileinfo import decoder_linear_bits, decoder_linear_shapes, describe
+from nanoquant.fileformat.info import decoder_linear_bits, decoder_linear_shapes, describe
 from nanoquant.reference import nq_layers, open_gguf
 
 
@@ -114,8 +114,8 @@ def test_another_chunk_count_gets_its_own_table(tmp_path, monkeypatch):
 
 def test_rows_made_with_other_settings_than_their_command_gives_now_are_named():
     from bench import quality
-    from nanoquant.convert import settings_record
-    from nanoquant.settings import PRESETS
+    from nanoquant.convert.output import settings_record
+    from nanoquant.convert.settings import PRESETS
 
     row = quality.Row("ablation 1.0: seed 1", "nq", bpw=1.0, converter_args=("--seed", "1"))
     standard = PRESETS["standard"]

@@ -1,4 +1,4 @@
-"""The non-NQ tensors without the native build: gguf_writer.row_quantizer falls back to gguf-py's numpy quantizers
+"""The non-NQ tensors without the native build: fileformat.writer.row_quantizer falls back to gguf-py's numpy quantizers
 when nanoquant._core cannot be imported (a GPU machine given only the source tree). The fallback must write ggml's
 very bytes, so a file converted there is the file a machine with _core writes."""
 import sys
@@ -11,9 +11,9 @@ from gguf.quants import dequantize
 
 import nanoquant
 from conftest import SMOL_GGUF
-from nanoquant import preflight
-from nanoquant.gguf_writer import _requantize, row_quantizer
-from nanoquant.settings import ConvertSettings
+from nanoquant.convert import preflight
+from nanoquant.fileformat.writer import _requantize, row_quantizer
+from nanoquant.convert.settings import ConvertSettings
 
 core = pytest.importorskip("nanoquant._core", reason="the comparison needs ggml's own quantizers (make builds _core)")
 

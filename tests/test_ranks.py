@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from nanoquant import formats
-from nanoquant.ranks import LayerShape, error_curve, realized_bpw, sensitivity_ranks, spread_bounds, uniform_ranks
+from nanoquant.fileformat import nq1
+from nanoquant.convert.ranks import (LayerShape, error_curve, realized_bpw, sensitivity_ranks, spread_bounds,
+                                     uniform_ranks)
 
 SMOL_BLOCK = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
               "up": (1536, 576), "down": (576, 1536)}
@@ -18,11 +19,11 @@ def smol_layers(n_blocks=30, mid=False):
 def test_uniform_ranks_spend_the_budget(bpw, mid):
     layers = smol_layers(mid=mid)
     ranks = uniform_ranks(layers, bpw)
-    assert all(r % formats.RANK_MULTIPLE == 0 and r >= formats.RANK_MULTIPLE for r in ranks.values())
+    assert all(r % nq1.RANK_MULTIPLE == 0 and r >= nq1.RANK_MULTIPLE for r in ranks.values())
     realized = realized_bpw(layers, ranks)
     assert 0.995 * bpw <= realized <= bpw, realized
     for layer in layers:  # the rule's rank, or a little more where its rounding left bits over
-        rule = formats.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + mid)
+        rule = nq1.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + mid)
         assert rule <= ranks[layer.name] <= rule + 64, (layer, ranks[layer.name], rule)
 
 
@@ -62,7 +63,7 @@ def test_sensitivity_ranks_follow_the_error_and_spend_the_budget():
 
 
 def test_error_curve_is_the_tail_energy_at_the_effective_rank():
-    from nanoquant.ranks import EFFECTIVE_RANK_SHARE
+    from nanoquant.convert.ranks import EFFECTIVE_RANK_SHARE
     sv = torch.tensor([4.0, 3.0, 2.0, 1.0])
     err = error_curve(sv)
     assert err(0) == pytest.approx(30.0)

@@ -55,15 +55,15 @@ def test_resume_without_a_work_folder_is_an_error(tmp_path, smol_tokenizer):
 def test_a_work_folder_belongs_to_everything_but_the_distillation(tmp_path):
     from dataclasses import replace
 
-    from nanoquant.admm import AdmmSettings
-    from nanoquant.convert import _identity
-    from nanoquant.reconstruct import DistillSettings
-    from nanoquant.settings import ConvertSettings
+    from nanoquant.convert.admm import AdmmSettings
+    from nanoquant.convert.checkpoint import work_identity
+    from nanoquant.convert.reconstruct import DistillSettings
+    from nanoquant.convert.settings import ConvertSettings
 
     source = tmp_path / "model.gguf"
     source.write_bytes(b"x")
     base = ConvertSettings(rank_scaled=("admm.iterations",))
     other_distillation = replace(base, distill=DistillSettings(steps=7, lr=3e-3))
-    assert _identity(source, base) == _identity(source, other_distillation)
-    assert _identity(source, base) != _identity(source, replace(base, admm=AdmmSettings(iterations=3)))
-    assert _identity(source, base) != _identity(source, replace(base, mid_scale=True))
+    assert work_identity(source, base) == work_identity(source, other_distillation)
+    assert work_identity(source, base) != work_identity(source, replace(base, admm=AdmmSettings(iterations=3)))
+    assert work_identity(source, base) != work_identity(source, replace(base, mid_scale=True))

@@ -1,6 +1,6 @@
 """The embedded default model, SmolLM2-135M-Instruct, at 1.0 bpw with a fast setting, runs in patched llama-cli."""
 from conftest import run_tool
-from nanoquant.fileinfo import describe
+from nanoquant.fileformat.info import describe
 
 
 def test_realized_bpw_of_quantized_layers(smol_nq):
@@ -14,19 +14,56 @@ def test_realized_bpw_of_quantized_layers(smol_nq):
     assert sum(l.rank != rule[l.d_out, l.d_in] for l in info.layers) > len(info.layers) // 2
 
 
-def test_llama_cli_answers_a_chat_prompt(smol_nq):
-    proc = run_tool("llama-cli", "-m", smol_nq, "-p", "What is the capital of France?", "-n", "24", "-st",
-                    "--temp", "0", "-t", "2", "--simple-io", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(proc.stdout.strip()) > 0
+PPL_CHUNKS = 40
+PPL_MARGIN = 1.25       # today's file may be this much worse, relative to its teacher, than the table's row
+CHAT_TOP1_MARGIN = 0.06
 
 
-def test_the_demo_answers_in_words(smol_nq):
-    """`make demo`'s chat turn: the answer itself (after llama-cli's prompt echo), not only some output."""
+def test_the_file_keeps_the_quality_of_the_tables_fast_row(smol_nq, tmp_path):
+    """The fixture is the quality table's "NQ 1.0 (fast preset)" row made again by today's code: its perplexity over
+    its F32 teacher's and its chat top-1 on the teacher's answers must stay near the row's (the table's own protocol,
+    fewer chunks), so a regression of the method fails CI instead of passing through."""
     import re
 
-    from conftest import BIN
-    from nanoquant.demo import DEFAULT_PROMPT, chat_once
+    from bench import quality
+    from bench.common import RESULTS, TEST_TEXT, read_result
+    from conftest import SMOL_GGUF
 
-    answer = chat_once(BIN, smol_nq, DEFAULT_PROMPT)
+    rows = {r["method"]: r for r in read_result(RESULTS / "quality-SmolLM2-135M-Instruct.json")["rows"]}
+    row, f32_row = rows["NQ 1.0 (fast preset)"], rows["F32"]
+    f32 = tmp_path / "F32.gguf"
+    assert run_tool("llama-quantize", "--allow-requantize", SMOL_GGUF, f32, "F32").returncode == 0
+
+    def ppl(model):
+        proc = run_tool("llama-perplexity", "-m", model, "-f", TEST_TEXT, "-c", "512", "--chunks", str(PPL_CHUNKS),
+                        "-t", "2", timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return float(re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+
+    ratio, table_ratio = ppl(smol_nq) / ppl(f32), row["ppl"] / f32_row["ppl"]
+    answers = quality.teacher_answers(f32, quality.CHAT_INSTRUCTIONS, tmp_path, row["chat_protocol"]["max_tokens"])
+    top1 = quality.chat_scores(smol_nq, answers)["chat_top1"]
+    assert ratio <= PPL_MARGIN * table_ratio, (ratio, table_ratio)
+    assert top1 >= row["chat_top1"] - CHAT_TOP1_MARGIN, (top1, row["chat_top1"])
+
+
+def test_the_demo_shows_both_files_side_by_side(smol_nq, capsys):
+    """`make demo`: every question answered by the teacher and by the NanoQuant file, the sizes, speeds and the
+    perplexity ratio; the NanoQuant answers are words (llama-cli's chat turn too)."""
+    import re
+
+    from conftest import BIN, SMOL_GGUF, TEST_TEXT
+    from nanoquant.runtime import demo
+
+    assert demo.main(["--model", str(smol_nq), "--teacher", str(SMOL_GGUF), "--bin", str(BIN),
+                      "--text", str(TEST_TEXT)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Perplexity on \d+ chunks of wiki.test.raw: teacher [0-9.]+, NanoQuant [0-9.]+ \([0-9.]+x\)", out)
+    assert re.search(r"decodes [0-9.]+x as fast as its teacher", out), out
+    for prompt in demo.PROMPTS:
+        block = out[out.index(f"Q: {prompt}"):]
+        assert re.match(r"Q: .*\n  teacher: +\S.*\n(?: {13}.*\n)*  NanoQuant: +\S", block), block[:600]
+    nq_answers = re.findall(r"  NanoQuant: +(.*)", out)
+    assert all(len(re.findall(r"[A-Za-z]{2,}", a)) >= 3 for a in nq_answers), nq_answers
+    answer = demo.chat_once(BIN, smol_nq, demo.DEFAULT_PROMPT)
     assert len(re.findall(r"[A-Za-z]{2,}", answer)) >= 3, repr(answer)

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanoquant.architectures import architecture_for
-from nanoquant.calibration import StatsCollector
-from nanoquant.memory import StagePeaks
-from nanoquant.streaming import ResidentBlocks, open_skeleton
+from nanoquant.convert.architectures import architecture_for
+from nanoquant.convert.calibration import StatsCollector
+from nanoquant.convert.memory import StagePeaks
+from nanoquant.convert.streaming import ResidentBlocks, open_skeleton
 
 
 def _whole_model_stats(model, names, windows):
     """The plain way: hooks on every linear, model(input_ids, labels=input_ids).loss.backward() per window."""
     collector = StatsCollector(names)
-    from nanoquant.calibration import GRAD_SCALE, LinearStats, RobustSecondMoment
+    from nanoquant.convert.calibration import GRAD_SCALE, LinearStats, RobustSecondMoment
     collector.inputs = {n: RobustSecondMoment() for n in names}
     collector.grads = {n: RobustSecondMoment() for n in names}
     handles = []
@@ -70,8 +70,8 @@ def test_gguf_blocks_equal_transformers_whole_load(kind, tmp_path, smol_tokenize
     from transformers import AutoModelForCausalLM
 
     from conftest import SMOL_GGUF
-    from nanoquant.fileinfo import open_gguf
-    from nanoquant.streaming import gguf_config, open_gguf_skeleton
+    from nanoquant.fileformat.info import open_gguf
+    from nanoquant.convert.streaming import gguf_config, open_gguf_skeleton
 
     path = SMOL_GGUF if kind == "smollm2" else _gguf_of(make_tiny_model(kind, tmp_path / "hf", smol_tokenizer),
                                                          tmp_path / f"{kind}.gguf")

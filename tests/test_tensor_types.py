@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_METHOD_ARGS, run_converter
-from nanoquant.gguf_writer import ROW_FALLBACK, fitting_type
+from nanoquant.fileformat.writer import ROW_FALLBACK, fitting_type
 
 T = gguf.GGMLQuantizationType
 
@@ -80,7 +80,7 @@ def test_the_output_head_as_a_nanoquant_layer_runs_in_llama_cpp_as_in_the_refere
     """--nq-head: the head's rank comes out of the same budget, llama.cpp multiplies it as it does the decoder's
     layers, and its perplexity is the Python reference forward's."""
     from conftest import llama_perplexity
-    from nanoquant.fileinfo import decoder_linear_bits, describe
+    from nanoquant.fileformat.info import decoder_linear_bits, describe
     from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity, perplexity_tokens
 
     out = tmp_path / "nq-head.gguf"
@@ -115,8 +115,8 @@ def test_a_tied_head_is_refused_as_a_nanoquant_layer(tmp_path, smol_tokenizer):
 def test_the_defaults_are_llama_quantizes_low_bit_choice():
     """The embedding Q2_K and the head Q5_K, the head Q8_0 where 256 does not divide its rows (a tied embedding is the
     head, as for SmolLM2's 576-wide rows)."""
-    from nanoquant.convert import tensor_types
-    from nanoquant.settings import ConvertSettings
+    from nanoquant.convert.output import tensor_types
+    from nanoquant.convert.settings import ConvertSettings
 
     types = tensor_types(ConvertSettings())
     assert types.for_tensor("output.weight", False, 1536) == T.Q5_K
@@ -131,7 +131,7 @@ def test_the_defaults_are_llama_quantizes_low_bit_choice():
 
 
 def test_a_work_folder_adds_up_the_time_of_the_runs_that_computed_in_it(tmp_path):
-    from nanoquant.checkpoint import WorkFolder
+    from nanoquant.convert.checkpoint import WorkFolder
 
     first = WorkFolder(tmp_path / "w", {"a": 1}, resume=False)
     first._opened -= 100  # as if this run had computed for 100 s

@@ -2,8 +2,8 @@
 import pytest
 
 from conftest import TINY_ARCHS, TINY_EXTRA_ARGS, llama_perplexity, run_tool
-from nanoquant import formats
-from nanoquant.fileinfo import describe
+from nanoquant.fileformat import nq1
+from nanoquant.fileformat.info import describe
 from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity, perplexity_tokens
 
 N_CTX, CHUNKS = 512, 4
@@ -17,7 +17,7 @@ def test_llama_perplexity_matches_reference_forward(kind, tiny_nq_models, eval_t
     assert info.architecture == TINY_ARCHS[kind] and len(info.layers) == (10 if shared else 14)  # 2 blocks
     assert any(l.base == "blk.0.attn_qkv" for l in info.layers) == shared
     has_mid = "--mid-scale" in TINY_EXTRA_ARGS.get(kind, ())  # at 1.0 bpw every tiny layer has room for s_mid
-    assert all(l.bits == formats.LayerBits(l.d_out, l.d_in, l.rank, has_s_mid=has_mid).bits for l in info.layers)
+    assert all(l.bits == nq1.LayerBits(l.d_out, l.d_in, l.rank, has_s_mid=has_mid).bits for l in info.layers)
     ppl_cpp = llama_perplexity(path, eval_text, N_CTX, CHUNKS)
     model, tokenizer, _ = load_reference_model(path)
     add_bos = gguf_add_bos(open_gguf(path))

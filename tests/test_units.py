@@ -3,11 +3,12 @@ The end-to-end check (llama.cpp against the reference forward on tiny mistral an
 test_tiny_models.py; these check the pieces."""
 import torch
 
-from nanoquant.admm import LowRankBinary, sign
-from nanoquant.architectures import architecture_for, gguf_base_name
-from nanoquant.calibration import LinearStats
-from nanoquant.reconstruct import FrozenLowRankBinary, trainable_scale_offsets
-from nanoquant.units import RowSlice, install_unit, member_names, unit_module, unit_preconditioners, unit_rows, unit_weight
+from nanoquant.convert.admm import LowRankBinary, sign
+from nanoquant.convert.architectures import architecture_for, gguf_base_name
+from nanoquant.convert.calibration import LinearStats
+from nanoquant.convert.reconstruct import FrozenLowRankBinary, trainable_scale_offsets
+from nanoquant.convert.units import (RowSlice, install_unit, member_names, unit_module, unit_preconditioners,
+                                     unit_rows, unit_weight)
 
 QKV = "model.layers.0.self_attn.qkv_proj"
 

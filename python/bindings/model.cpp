@@ -467,6 +467,37 @@ class Engine {
     }
 };
 
+// llama-quantize's own work, through libllama: a whole GGUF into one of a few ftypes (the converter's answering
+// teacher: a Q8_0 copy of an F32 base file), so an installed wheel needs no llama-quantize binary
+void quantize_file(const std::string & src, const std::string & dst, const std::string & type, int n_threads) {
+    static const std::pair<const char *, llama_ftype> ftypes[] = {
+        {"F16", LLAMA_FTYPE_MOSTLY_F16}, {"Q8_0", LLAMA_FTYPE_MOSTLY_Q8_0}, {"Q4_0", LLAMA_FTYPE_MOSTLY_Q4_0}};
+    const llama_ftype * ftype = nullptr;
+    std::string known;
+    for (const auto & [name, value] : ftypes) {
+        known += std::string(known.empty() ? "" : ", ") + name;
+        if (type == name) {
+            ftype = &value;
+        }
+    }
+    if (ftype == nullptr) {
+        throw std::invalid_argument("quantize_file: type '" + type + "' is not one of " + known);
+    }
+    backend_init_once();
+    llama_model_quantize_params params = llama_model_quantize_default_params();
+    params.ftype = *ftype;
+    params.nthread = n_threads;
+    uint32_t rc;
+    {
+        py::gil_scoped_release release;
+        rc = llama_model_quantize(src.c_str(), dst.c_str(), &params);
+    }
+    if (rc != 0) {
+        std::string tail = take_log_tail();
+        throw std::runtime_error(src + ": libllama could not quantize it to " + type + (tail.empty() ? "" : ":\n" + tail));
+    }
+}
+
 }  // namespace
 
 void register_engine(py::module_ & m) {
@@ -506,6 +537,8 @@ void register_engine(py::module_ & m) {
         .def("logits", &Engine::logits, py::arg("tokens"))
         .def("perplexity", &Engine::perplexity, py::arg("tokens"), py::arg("n_ctx"), py::arg("n_chunks"));
 
+    m.def("quantize_file", &quantize_file, py::arg("src"), py::arg("dst"), py::arg("type"), py::arg("n_threads") = 0,
+          "a GGUF file quantized as llama-quantize SRC DST TYPE does (TYPE: F16, Q8_0 or Q4_0)");
     m.def("set_llama_log_verbose", &set_verbose, py::arg("verbose"),
           "print llama.cpp's log on stderr (it is kept quiet, and its last warnings are quoted in exceptions)");
 }

@@ -1,6 +1,6 @@
 """`python -m nanoquant generate|chat|info MODEL.gguf` (the same as the `nanoquant` command)."""
 import sys
 
-from .cli import main
+from nanoquant.runtime.cli import main
 
 sys.exit(main())

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGMLQuantizationType
 
-from . import formats
-from .admm import lowrank_binary_product
-from .architectures import SHARED_INPUT_UNITS, UnsupportedArchitecture, gguf_base_name, gguf_row_permutation
-from .fileinfo import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
-from .streaming import GGUFTensors, gguf_config, tensor_as_float
-from .units import HEAD, install_unit, member_names, unit_rows, unit_shape
+from nanoquant.fileformat import nq1
+from nanoquant.convert.admm import lowrank_binary_product
+from nanoquant.convert.architectures import (SHARED_INPUT_UNITS, UnsupportedArchitecture, gguf_base_name,
+                                             gguf_row_permutation)
+from nanoquant.fileformat.info import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
+from nanoquant.convert.streaming import GGUFTensors, gguf_config, tensor_as_float
+from nanoquant.convert.units import HEAD, install_unit, member_names, unit_rows, unit_shape
 
 
 class LowRankBinaryLinear(torch.nn.Module):
@@ -51,12 +52,12 @@ def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
     by_name = {t.name: t for t in reader.tensors}
     layers: dict[str, NQTensors] = {}
     for name, t in by_name.items():
-        if not name.endswith("." + formats.SUFFIX_V):
+        if not name.endswith("." + nq1.SUFFIX_V):
             continue
-        base = name[: -len(formats.SUFFIX_V) - 1]
-        u_t = by_name.get(f"{base}.{formats.SUFFIX_U}")
+        base = name[: -len(nq1.SUFFIX_V) - 1]
+        u_t = by_name.get(f"{base}.{nq1.SUFFIX_U}")
         if u_t is None:
-            raise NQFormatError(f"{path}: {name} has no matching {base}.{formats.SUFFIX_U}")
+            raise NQFormatError(f"{path}: {name} has no matching {base}.{nq1.SUFFIX_U}")
         for tensor in (t, u_t):
             if tensor.tensor_type != GGMLQuantizationType.NQ1:
                 raise NQFormatError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, expected NQ1")
@@ -65,16 +66,16 @@ def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
         if u_rank != rank:
             raise NQFormatError(f"{path}: tensor {u_t.name} has rank {u_rank} but {name} has rank {rank}")
         scales = {}
-        for suffix, size in ((formats.SUFFIX_S_PRE, d_in), (formats.SUFFIX_S_MID, rank), (formats.SUFFIX_S_POST, d_out)):
+        for suffix, size in ((nq1.SUFFIX_S_PRE, d_in), (nq1.SUFFIX_S_MID, rank), (nq1.SUFFIX_S_POST, d_out)):
             s = by_name.get(f"{base}.{suffix}")
             if s is not None and (s.tensor_type != GGMLQuantizationType.F32 or int(s.n_elements) != size):
                 raise NQFormatError(f"{path}: tensor {s.name} must be F32 with {size} values, got "
                                     f"{s.tensor_type.name} with {int(s.n_elements)}")
             scales[suffix] = None if s is None else np.array(s.data, dtype=np.float32).reshape(size)
         layers[base] = NQTensors(
-            v=formats.unpack_signs(np.asarray(t.data).reshape(rank, d_in // 8), d_in),
-            u=formats.unpack_signs(np.asarray(u_t.data).reshape(d_out, rank // 8), rank),
-            s_pre=scales[formats.SUFFIX_S_PRE], s_mid=scales[formats.SUFFIX_S_MID], s_post=scales[formats.SUFFIX_S_POST])
+            v=nq1.unpack_signs(np.asarray(t.data).reshape(rank, d_in // 8), d_in),
+            u=nq1.unpack_signs(np.asarray(u_t.data).reshape(d_out, rank // 8), rank),
+            s_pre=scales[nq1.SUFFIX_S_PRE], s_mid=scales[nq1.SUFFIX_S_MID], s_post=scales[nq1.SUFFIX_S_POST])
     return layers
 
 
@@ -128,7 +129,7 @@ def load_reference_model(path: Path):
                 *(None if s is None else torch.from_numpy(np.ascontiguousarray(s)) for s in (nq.s_pre, nq.s_mid, s_post)),
                 bias=None if bias is None else torch.from_numpy(np.ascontiguousarray(bias)))
             install_unit(model, hf_name, module)
-            used.update([f"{base}.{s}" for s in formats.SUFFIXES] + bias_names)
+            used.update([f"{base}.{s}" for s in nq1.SUFFIXES] + bias_names)
 
     head = layers.get(gguf_base_name(arch, config.num_hidden_layers, HEAD))
     if head is not None:  # --nq-head: the output head is a NanoQuant layer too
@@ -142,7 +143,7 @@ def load_reference_model(path: Path):
         install_unit(model, HEAD, LowRankBinaryLinear(
             torch.from_numpy(head.u), torch.from_numpy(head.v),
             *(None if s is None else torch.from_numpy(s) for s in (head.s_pre, head.s_mid, head.s_post))))
-        used.update(f"{gguf_base_name(arch, config.num_hidden_layers, HEAD)}.{s}" for s in formats.SUFFIXES)
+        used.update(f"{gguf_base_name(arch, config.num_hidden_layers, HEAD)}.{s}" for s in nq1.SUFFIXES)
     state = {hf_name: tensors.get(hf_name, param.shape) for hf_name, param in model.named_parameters()
              if not (config.tie_word_embeddings and hf_name == "lm_head.weight")}
     unused = sorted(set(by_name) - used - tensors.used - {"rope_freqs.weight"})
@@ -202,12 +203,12 @@ def dense_weight(layer: NQTensors) -> np.ndarray:
 def densify_gguf(src: Path, dst: Path) -> Path:
     """dst: src with every NanoQuant layer stored as its dense F32 `.weight`, an ordinary GGUF that stock llama.cpp
     multiplies with its own kernels: the F32 product of the factors, to hold the NQ1 paths against."""
-    from .gguf_writer import rewrite_gguf
+    from nanoquant.fileformat.writer import rewrite_gguf
 
     layers = nq_layers(open_gguf(src), src)
 
     def edit(tensors):
-        tensors[:] = [t for t in tensors if t[0].rsplit(".", 1)[-1] not in formats.SUFFIXES]
+        tensors[:] = [t for t in tensors if t[0].rsplit(".", 1)[-1] not in nq1.SUFFIXES]
         tensors.extend([f"{base}.weight", dense_weight(layer), GGMLQuantizationType.F32]
                        for base, layer in layers.items())
     return rewrite_gguf(src, dst, edit)

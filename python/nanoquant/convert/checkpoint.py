@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import resource
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from . import formats
-from .admm import LowRankBinary
+from nanoquant.convert.admm import LowRankBinary
+from nanoquant.convert.reconstruct import DistillSettings
+from nanoquant.convert.settings import ConvertSettings, DEVICE_AUTO, WRITE_ONLY
+from nanoquant.fileformat import nq1
 
 
 class CheckpointError(RuntimeError):
@@ -35,7 +40,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _pack(signs: torch.Tensor) -> dict:
-    return {"bits": torch.from_numpy(formats.pack_signs(signs.cpu().numpy())), "cols": signs.shape[1]}
+    return {"bits": torch.from_numpy(nq1.pack_signs(signs.cpu().numpy())), "cols": signs.shape[1]}
 
 
 def _host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -44,11 +49,11 @@ def _host(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _pack_np(signs: np.ndarray) -> dict:
-    return {"bits": formats.pack_signs(signs), "cols": signs.shape[1]}
+    return {"bits": nq1.pack_signs(signs), "cols": signs.shape[1]}
 
 
 def _unpack(packed: dict) -> torch.Tensor:
-    return torch.from_numpy(formats.unpack_signs(packed["bits"].numpy(), packed["cols"]))
+    return torch.from_numpy(nq1.unpack_signs(packed["bits"].numpy(), packed["cols"]))
 
 
 class WorkFolder:
@@ -119,7 +124,7 @@ class WorkFolder:
 
     def load_stats(self) -> dict | None:
         path = self.path / "stats.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+        return _load(path) if path.is_file() else None
 
     def save_stats(self, stats: dict) -> None:
         _atomic_save({name: s.to("cpu") for name, s in stats.items()}, self.path / "stats.pt")
@@ -136,7 +141,7 @@ class WorkFolder:
         if n and not (self.path / "stream.pt").is_file():
             return 0
         if n:
-            stream_block = torch.load(self.path / "stream.pt", weights_only=False)["after_block"]
+            stream_block = _load(self.path / "stream.pt")["after_block"]
             n = min(n, stream_block + 1)
         return n
 
@@ -147,7 +152,7 @@ class WorkFolder:
         self.record_time()
 
     def load_block(self, index: int) -> tuple[dict[str, tuple[LowRankBinary, torch.Tensor | None]], list]:
-        return _layers_from(torch.load(self._block_path(index), weights_only=False))
+        return _layers_from(_load(self._block_path(index)))
 
     def save_head(self, layer: LowRankBinary, report) -> None:
         """The output head's factors (--nq-head), made after the last block."""
@@ -158,11 +163,11 @@ class WorkFolder:
         path = self.path / "head.pt"
         if not path.is_file():
             return None
-        layers, reports = _layers_from(torch.load(path, weights_only=False))
+        layers, reports = _layers_from(_load(path))
         return layers["head"][0], reports[0]
 
     def load_stream(self) -> dict:
-        return torch.load(self.path / "stream.pt", weights_only=False)
+        return _load(self.path / "stream.pt")
 
     def save_final(self, tensors: list, reports: list, key: dict) -> None:
         """The file's NanoQuant tensors after model reconstruction, under the settings that made them (`key`): a
@@ -176,14 +181,29 @@ class WorkFolder:
         path = self.path / "final.pt"
         if not path.is_file():
             return None
-        payload = torch.load(path, weights_only=False)
+        payload = _load(path)
         if payload["key"] != key:
             return None
         # int8 signs (the writer packs them again): float32 would be 4 bytes a weight, 5 GB for a 1.5B model
-        tensors = [make(**{**t, "u": formats.unpack_signs(t["u"]["bits"], t["u"]["cols"], np.int8),
-                           "v": formats.unpack_signs(t["v"]["bits"], t["v"]["cols"], np.int8)})
+        tensors = [make(**{**t, "u": nq1.unpack_signs(t["u"]["bits"], t["u"]["cols"], np.int8),
+                           "v": nq1.unpack_signs(t["v"]["bits"], t["v"]["cols"], np.int8)})
                    for t in payload["tensors"]]
         return tensors, payload["reports"]
+
+
+# the modules whose classes (layer reports, layer statistics) work folders of the package's earlier flat layout pickled
+_MOVED_MODULES = {"nanoquant.convert": "nanoquant.convert.blocks", "nanoquant.calibration": "nanoquant.convert.calibration"}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return super().find_class(_MOVED_MODULES.get(module, module), name)
+
+
+def _load(path: Path):
+    """A checkpoint file (our own: full unpickling), classes of moved modules found where they are now."""
+    return torch.load(path, weights_only=False, pickle_module=SimpleNamespace(Unpickler=_Unpickler, load=pickle.load,
+                                                                              __name__="pickle"))
 
 
 def _layers_payload(layers: dict[str, tuple[LowRankBinary, torch.Tensor | None]], reports: list) -> dict:
@@ -215,3 +235,15 @@ def as_jsonable(obj):
     if isinstance(obj, (Path, np.generic)):
         return str(obj)
     return obj
+
+
+def work_identity(model_path: Path, settings: ConvertSettings) -> dict:
+    """What a work folder belongs to: the source files and every setting that changes what it holds. Distillation
+    (model reconstruction) runs after the last checkpoint, so its settings are left out: a kept work folder can be
+    resumed with other distillation settings, on another device, and written with other tensor types."""
+    files = sorted(p for p in model_path.iterdir() if p.is_file()) if model_path.is_dir() else [model_path]
+    checkpointed = asdict(replace(settings, distill=DistillSettings(), device=DEVICE_AUTO))
+    for name in ("matmul", *WRITE_ONLY):  # the machine's speed, and how the file is written: not what is kept
+        checkpointed.pop(name)
+    return {"source": [file_identity(f) for f in files], "settings": as_jsonable(checkpointed),
+            "torch_threads": torch.get_num_threads(), "format_version": nq1.FORMAT_VERSION}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 
-from .admm import LowRankBinary, autocast_for, lowrank_binary_product, sign
+from nanoquant.convert.admm import LowRankBinary, autocast_for, lowrank_binary_product, sign
 
 
 @dataclass(frozen=True)
@@ -372,3 +372,13 @@ def tune_block(block, params: list[dict], data: BlockData, target: torch.Tensor,
         opt.step()
         losses.append(float(loss.detach()))
     return losses[0], losses[-1]
+
+
+def distill_recompute(setting: str, blocks, data: BlockData) -> bool:
+    """Whether distillation recomputes block activations in its backward: always, never, or ("auto") when a
+    window's activations through all blocks, measured on the first block, pass RECOMPUTE_ABOVE_BYTES."""
+    saved = len(blocks) * saved_activation_bytes(blocks[0], data.fp[:1], data.layer_kwargs[0])
+    recompute = setting == "on" or (setting == "auto" and saved > RECOMPUTE_ABOVE_BYTES)
+    print(f"scale distillation: a window's activations through all blocks take {saved / 2**30:.2f} GiB; "
+          f"{'recomputed in the backward' if recompute else 'kept for the backward'} (--distill-recompute {setting})")
+    return recompute

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 
-from . import formats
+from nanoquant.fileformat import nq1
 
 
 @dataclass
@@ -30,9 +30,9 @@ class NQLayerTensors:
     replaces: tuple[str, ...] = ()  # the dense layers whose <name>.weight it takes the place of (default: base)
 
     def scales(self) -> list[tuple[str, np.ndarray]]:
-        """(suffix, values) of the scales the layer has, in formats.SCALE_SUFFIXES order."""
+        """(suffix, values) of the scales the layer has, in nq1.SCALE_SUFFIXES order."""
         values = (self.s_pre, self.s_mid, self.s_post)
-        return [(suffix, s) for suffix, s in zip(formats.SCALE_SUFFIXES, values) if s is not None]
+        return [(suffix, s) for suffix, s in zip(nq1.SCALE_SUFFIXES, values) if s is not None]
 
     @property
     def replaced_weights(self) -> list[str]:
@@ -96,7 +96,7 @@ def row_quantizer(target: GGMLQuantizationType) -> tuple[Callable[..., np.ndarra
     type, whose bytes equal ggml's for every type it has (tests/test_quantize_fallback.py) and which takes no
     importance matrix; the note says so, None for ggml's own. The one place that decides."""
     try:
-        from . import _core
+        from nanoquant import _core
     except ImportError as e:
         missing = f"{type(e).__name__}: {e}"
     else:
@@ -222,7 +222,7 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     writer = GGUFWriter(tmp_path, arch)
     try:
         copy_metadata(reader, writer, skip={"general.file_type", *extra_metadata})
-        writer.add_file_type(int(formats.NQ1_FTYPE))
+        writer.add_file_type(int(nq1.NQ1_FTYPE))
         for key, (value, vtype) in extra_metadata.items():
             writer.add_key_value(key, value, vtype)
 
@@ -237,8 +237,8 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
             data, dtype = _requantize(t.name, t, target, quantizers.get(target), importance)
             writer.add_tensor(t.name, data, raw_dtype=dtype)
         for layer in layers:
-            writer.add_tensor(f"{layer.base}.{formats.SUFFIX_V}", formats.pack_signs(layer.v), raw_dtype=formats.NQ1)
-            writer.add_tensor(f"{layer.base}.{formats.SUFFIX_U}", formats.pack_signs(layer.u), raw_dtype=formats.NQ1)
+            writer.add_tensor(f"{layer.base}.{nq1.SUFFIX_V}", nq1.pack_signs(layer.v), raw_dtype=nq1.NQ1)
+            writer.add_tensor(f"{layer.base}.{nq1.SUFFIX_U}", nq1.pack_signs(layer.u), raw_dtype=nq1.NQ1)
             for suffix, s in layer.scales():
                 writer.add_tensor(f"{layer.base}.{suffix}", np.ascontiguousarray(s, dtype=np.float32))
     except BaseException:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import formats
+from nanoquant.fileformat import nq1
 
 
 class ResidentBlocks:
@@ -94,7 +94,7 @@ class GGUFTensors:
     def __init__(self, path: Path, arch, config, reader=None):
         import gguf
 
-        from .fileinfo import open_gguf
+        from nanoquant.fileformat.info import open_gguf
 
         self.path, self.arch, self.config = Path(path), arch, config
         self.by_name = {t.name: t for t in (reader or open_gguf(path)).tensors}
@@ -105,8 +105,8 @@ class GGUFTensors:
         return self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def get(self, hf_name: str, shape) -> torch.Tensor:
-        from .architectures import gguf_row_permutation
-        from .fileinfo import NQFormatError
+        from nanoquant.convert.architectures import gguf_row_permutation
+        from nanoquant.fileformat.info import NQFormatError
 
         name = self.gguf_name(hf_name)
         if name is None or name not in self.by_name:
@@ -137,7 +137,7 @@ def gguf_config(path: Path, reader):
     """transformers' config of a GGUF, with what its GGUF mapping drops put back."""
     from transformers import AutoConfig
 
-    from .architectures import architecture_for, llama_cpp_query_pre_attn_scalar
+    from nanoquant.convert.architectures import architecture_for, llama_cpp_query_pre_attn_scalar
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -146,7 +146,7 @@ def gguf_config(path: Path, reader):
     if key_length is not None:  # an explicit head_dim (qwen3's is not hidden / heads)
         config.head_dim = int(key_length.contents())
     names = {t.name for t in reader.tensors}  # an untied head is output.weight, or a NanoQuant layer (--nq-head)
-    config.tie_word_embeddings = not ({"output.weight", f"output.{formats.SUFFIX_V}"} & names)
+    config.tie_word_embeddings = not ({"output.weight", f"output.{nq1.SUFFIX_V}"} & names)
     scalar = llama_cpp_query_pre_attn_scalar(config.model_type, config.to_dict())
     if scalar is not None:  # transformers' GGUF mapping leaves the config's default; llama.cpp's graph decides
         config.query_pre_attn_scalar = scalar
@@ -175,7 +175,7 @@ def _empty_model(config):
 
 def open_gguf_skeleton(path: Path):
     """(model, GGUFBlocks): a GGUF's model with only its non-block weights loaded, in F32."""
-    from .fileinfo import open_gguf
+    from nanoquant.fileformat.info import open_gguf
 
     reader = open_gguf(path)
     config, arch = gguf_config(path, reader)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .architectures import unit_members
+from nanoquant.convert.architectures import unit_members
 
 HEAD = "lm_head"  # the output head, by its Hugging Face name: a unit of its own with --nq-head
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import torch
 
-from .gguf_writer import FLOAT_TYPES, IMATRIX_TYPES, LOW_BIT_HEAD, row_quantizer
-from .ranks import MAX_BPW
+from nanoquant.fileformat.writer import FLOAT_TYPES, IMATRIX_TYPES, LOW_BIT_HEAD, row_quantizer
+from nanoquant.convert.ranks import MAX_BPW
 
 MIN_WINDOW_TOKENS = 16  # a window shorter than this holds hardly a sentence: the statistics would be noise
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a fast tokenizer, or a SentencePiece model

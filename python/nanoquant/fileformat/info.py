@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from . import formats
+from nanoquant.fileformat import nq1
 
 
 class NQFormatError(ValueError):
@@ -65,27 +65,27 @@ def describe(path: Path) -> FileInfo:
     layers, dense = [], 0
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
-        if suffix == formats.SUFFIX_V:
-            u = by_name.get(f"{base}.{formats.SUFFIX_U}")
+        if suffix == nq1.SUFFIX_V:
+            u = by_name.get(f"{base}.{nq1.SUFFIX_U}")
             if u is None:
-                raise NQFormatError(f"{path}: {t.name} has no matching {base}.{formats.SUFFIX_U}")
+                raise NQFormatError(f"{path}: {t.name} has no matching {base}.{nq1.SUFFIX_U}")
             d_in, rank = int(t.shape[0]), int(t.shape[1])
             d_out = int(u.shape[1])
             _check_scales(path, base, by_name)
-            bits = sum(8 * int(by_name[f"{base}.{s}"].n_bytes) for s in formats.SUFFIXES if f"{base}.{s}" in by_name)
+            bits = sum(8 * int(by_name[f"{base}.{s}"].n_bytes) for s in nq1.SUFFIXES if f"{base}.{s}" in by_name)
             layers.append(NQLayerInfo(base, d_out, d_in, rank, bits))
             dense += d_out * d_in
-        elif suffix not in formats.SUFFIXES:
+        elif suffix not in nq1.SUFFIXES:
             dense += int(t.n_elements)
     arch = reader.fields["general.architecture"].contents()
-    settings = reader.fields.get(formats.KEY_SETTINGS)
+    settings = reader.fields.get(nq1.KEY_SETTINGS)
     return FileInfo(path, arch, path.stat().st_size, layers, dense,
                     json.loads(settings.contents()) if settings is not None else None)
 
 
 def _check_scales(path: Path, base: str, by_name: dict) -> None:
     """A layer's scales are F32 and finite: one NaN or Inf in a scale makes every logit NaN."""
-    for suffix in formats.SCALE_SUFFIXES:
+    for suffix in nq1.SCALE_SUFFIXES:
         t = by_name.get(f"{base}.{suffix}")
         if t is None:
             continue

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .model import Model
+from nanoquant.runtime.model import Model
 
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
 

@@ -5,7 +5,7 @@ F32 scales), so the realized bpw is never above the target and, for any model of
 fraction of a percent below it. The one exception is the floor: every layer has rank 32 at least, which in tiny
 layers (tests' 96 x 224 models) takes more than a low target.
 
-- uniform: every layer gets the method's rank rule for its shape (formats.rank_for_bpw); the bits its rounding to a
+- uniform: every layer gets the method's rank rule for its shape (nq1.rank_for_bpw); the bits its rounding to a
   multiple of 32 leaves over go, 32 ranks at a time, to the layers furthest below the target.
 - sensitivity: the ranks go where they lower the model's loss most. A layer's cost to the loss is its error in the
   norm of its Fisher diagonal, ||D_out (W - W_hat) D_in||^2 with the converter's statistics (E[(dL/dy)^2] and E[x^2]),
@@ -21,11 +21,18 @@ layers (tests' 96 x 224 models) takes more than a low target.
 from __future__ import annotations
 
 import heapq
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from . import formats
+if TYPE_CHECKING:  # the settings module reads this one's names
+    from nanoquant.convert.settings import ConvertSettings
+    from nanoquant.convert.source import Source
+
+from nanoquant.convert.units import HEAD, unit_preconditioners, unit_shape, unit_weight
+from nanoquant.fileformat import nq1
 
 UNIFORM, SENSITIVITY = "uniform", "sensitivity"
 ALLOCATIONS = (UNIFORM, SENSITIVITY)
@@ -45,17 +52,17 @@ class LayerShape:
     has_s_mid: bool = False
 
     def bits(self, rank: int) -> int:
-        return formats.LayerBits(self.d_out, self.d_in, rank, has_s_mid=self.has_s_mid).bits
+        return nq1.LayerBits(self.d_out, self.d_in, rank, has_s_mid=self.has_s_mid).bits
 
     @property
     def bits_per_step(self) -> int:
         """What 32 more ranks cost: their signs in U and V, and their s_mid entries."""
-        return self.bits(2 * formats.RANK_MULTIPLE) - self.bits(formats.RANK_MULTIPLE)
+        return self.bits(2 * nq1.RANK_MULTIPLE) - self.bits(nq1.RANK_MULTIPLE)
 
     @property
     def max_rank(self) -> int:
-        return max(formats.RANK_MULTIPLE, int(MAX_BPW * self.d_out * self.d_in / (self.d_out + self.d_in))
-                   // formats.RANK_MULTIPLE * formats.RANK_MULTIPLE)
+        return max(nq1.RANK_MULTIPLE, int(MAX_BPW * self.d_out * self.d_in / (self.d_out + self.d_in))
+                   // nq1.RANK_MULTIPLE * nq1.RANK_MULTIPLE)
 
 
 def budget_bits(layers: list[LayerShape], bpw: float) -> int:
@@ -80,9 +87,9 @@ def _fill(layers: list[LayerShape], ranks: dict[str, int], bpw: float, priority)
     while queue:
         _, i = heapq.heappop(queue)
         layer = layers[i]
-        if layer.bits_per_step > left or ranks[layer.name] + formats.RANK_MULTIPLE > layer.max_rank:
+        if layer.bits_per_step > left or ranks[layer.name] + nq1.RANK_MULTIPLE > layer.max_rank:
             continue  # a layer that no longer fits leaves the queue; smaller ones may still fit
-        ranks[layer.name] += formats.RANK_MULTIPLE
+        ranks[layer.name] += nq1.RANK_MULTIPLE
         left -= layer.bits_per_step
         e = entry(i)
         if e is not None:
@@ -95,7 +102,7 @@ def _lowest_bpw_first(layer: LayerShape, rank: int) -> float:
 
 
 def uniform_ranks(layers: list[LayerShape], bpw: float) -> dict[str, int]:
-    ranks = {layer.name: min(formats.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + layer.has_s_mid),
+    ranks = {layer.name: min(nq1.rank_for_bpw(layer.d_out, layer.d_in, bpw, n_scales=2 + layer.has_s_mid),
                              layer.max_rank) for layer in layers}
     return _fill(layers, ranks, bpw, _lowest_bpw_first)
 
@@ -126,8 +133,8 @@ def spread_bounds(uniform_rank: int, spread: float) -> tuple[int, int]:
     if not valid_spread(spread):
         raise ValueError(f"rank spread {spread}: {SPREAD_EXPECTED}")
     if spread == 0:
-        return formats.RANK_MULTIPLE, 1 << 30
-    step = formats.RANK_MULTIPLE
+        return nq1.RANK_MULTIPLE, 1 << 30
+    step = nq1.RANK_MULTIPLE
     return max(step, int(uniform_rank / spread) // step * step), -(-int(uniform_rank * spread) // step) * step
 
 
@@ -139,10 +146,44 @@ def sensitivity_ranks(layers: list[LayerShape], bpw: float, curves: dict, spread
     bounds = {layer.name: spread_bounds(uniform[layer.name], spread) for layer in layers}
 
     def largest_gain_first(layer: LayerShape, rank: int) -> float | None:
-        if rank + formats.RANK_MULTIPLE > bounds[layer.name][1]:
+        if rank + nq1.RANK_MULTIPLE > bounds[layer.name][1]:
             return None
-        gain = curves[layer.name](rank) - curves[layer.name](rank + formats.RANK_MULTIPLE)
+        gain = curves[layer.name](rank) - curves[layer.name](rank + nq1.RANK_MULTIPLE)
         return -gain / layer.bits_per_step if gain > 0 else None
 
     ranks = _fill(layers, {name: low for name, (low, _) in bounds.items()}, bpw, largest_gain_first)
     return _fill(layers, ranks, bpw, _lowest_bpw_first)
+
+
+def allocate_ranks(model, source: Source, stats, names: list[str], settings: ConvertSettings) -> dict[str, int]:
+    """Every layer's rank at the target's total bits (ranks.py). The sensitivity allocation reads the singular values
+    of each layer's weight in its Fisher-diagonal norm, one block's weights in memory at a time."""
+    layers = [LayerShape(name, *unit_shape(model, name), has_s_mid=settings.mid_scale) for name in names]
+    if settings.rank_allocation == UNIFORM:
+        ranks = uniform_ranks(layers, settings.bpw)
+    else:
+        gamma = source.arch.shrinkage if settings.shrinkage is None else settings.shrinkage
+        curves = {}
+        for i in tqdm(range(len(model.model.layers)), desc="rank allocation", unit="block"):
+            source.blocks.load(model, i)
+            for name in (n for n in names if n.startswith(f"model.layers.{i}.")):
+                weight = unit_weight(model, name).detach().float()
+                pre_in, pre_out = unit_preconditioners(stats, name, gamma, weight)
+                weighted = pre_out[:, None] * weight * pre_in[None, :]
+                curves[name] = error_curve(torch.linalg.svdvals(weighted).cpu())
+            source.blocks.release(model, i)
+        if HEAD in names:  # the head is outside the blocks, always in memory
+            weight = unit_weight(model, HEAD).detach().float()
+            pre_in, pre_out = unit_preconditioners(stats, HEAD, gamma, weight)
+            curves[HEAD] = error_curve(
+                torch.linalg.svdvals(pre_out[:, None] * weight * pre_in[None, :]).cpu())
+        ranks = sensitivity_ranks(layers, settings.bpw, curves, settings.rank_spread)
+    by_type: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        by_type.setdefault(name.split(".", 3)[-1], []).append(rank)
+    spread = ", ".join(f"{t.split('.')[-1]} {min(r)}-{max(r)}" for t, r in by_type.items())
+    realized = realized_bpw(layers, ranks)
+    floor = " (rank 32, the floor, in every layer)" if realized > settings.bpw else ""
+    print(f"rank allocation ({settings.rank_allocation}): {realized:.4f} bpw of {settings.bpw} target{floor}; "
+          f"ranks {spread}")
+    return ranks

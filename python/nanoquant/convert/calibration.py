@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .admm import autocast_for
-from .units import HEAD
+from nanoquant.convert.admm import autocast_for
+from nanoquant.convert.units import HEAD
 
 # the calibration data: a wheel carries its own copy (pyproject's wheel.force-include), a checkout reads data/
-_WHEEL_DATA = Path(__file__).resolve().parent / "data"
-DATA_DIR = _WHEEL_DATA if _WHEEL_DATA.is_dir() else Path(__file__).resolve().parents[2] / "data"
+_WHEEL_DATA = Path(__file__).resolve().parents[1] / "data"  # nanoquant/data
+DATA_DIR = _WHEEL_DATA if _WHEEL_DATA.is_dir() else Path(__file__).resolve().parents[3] / "data"
 DEFAULT_CALIBRATION_TEXT = DATA_DIR / "wikitext-2" / "valid.txt"
 # the teacher answers these to make calibration conversations; data/chat/eval-instructions.txt is held out
 DEFAULT_CHAT_INSTRUCTIONS = DATA_DIR / "chat" / "calibration-instructions.txt"
@@ -99,7 +99,7 @@ def teacher_conversations(teacher_gguf: Path, instructions: list[str], tokens_ne
     rendered tokens reach `tokens_needed` or the list is used up. Sampled, not greedy: a small model's greedy answers
     loop on one sentence until the length limit (SmolLM2: 'The fastest land animal is not a specific animal...' x6),
     which would calibrate on repetition and on answers that never end their turn."""
-    from .model import Model
+    from nanoquant.runtime.model import Model
 
     order = torch.randperm(len(instructions), generator=torch.Generator().manual_seed(seed)).tolist()
     conversations, tokens = [], 0
@@ -218,7 +218,7 @@ class StatsCollector:
         a forward sweep records input moments and keeps every block boundary in `scratch`, a backward sweep from
         the head records output-gradient moments. Each layer sees the windows in order, as a whole-model pass would,
         but only one block's weights are needed at once (`blocks` loads and releases them)."""
-        from .reconstruct import capture_block_inputs, logits_from_hidden, run_block
+        from nanoquant.convert.reconstruct import capture_block_inputs, logits_from_hidden, run_block
 
         scratch.mkdir(parents=True, exist_ok=True)
         self.inputs = {n: RobustSecondMoment() for n in self.names}

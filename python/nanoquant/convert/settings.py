@@ -14,11 +14,11 @@ from typing import Any, Callable
 import gguf
 import torch
 
-from .admm import MATMUL_AUTO, MATMUL_DTYPES, AdmmSettings, resolve_matmul
-from .architectures import SHARED_INPUT_UNITS, SHARED_NONE
-from .calibration import DEFAULT_CALIBRATION_TEXT
-from .ranks import ALLOCATIONS, SENSITIVITY, SPREAD_EXPECTED, valid_spread
-from .reconstruct import BLOCK_LOSSES, RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
+from nanoquant.convert.admm import MATMUL_AUTO, MATMUL_DTYPES, AdmmSettings, resolve_matmul
+from nanoquant.convert.architectures import SHARED_INPUT_UNITS, SHARED_NONE
+from nanoquant.convert.calibration import DEFAULT_CALIBRATION_TEXT
+from nanoquant.convert.ranks import ALLOCATIONS, SENSITIVITY, SPREAD_EXPECTED, valid_spread
+from nanoquant.convert.reconstruct import BLOCK_LOSSES, RECOMPUTE_ABOVE_BYTES, DistillSettings, TuneSettings
 
 CHAT_AUTO, CHAT_NONE = "auto", "none"
 DEVICE_AUTO = "auto"
@@ -71,7 +71,7 @@ class ConvertSettings:
 
 
 # settings that decide only how the file is written, not what the work folder holds: a kept work folder can be written
-# again with other types (convert._identity leaves them out)
+# again with other types (checkpoint.work_identity leaves them out)
 WRITE_ONLY = ("other_type", "token_embd_type", "output_type")
 
 
@@ -90,7 +90,7 @@ def value_at(settings, path: str):
 # Presets, sized for SmolLM2-135M on a 2-core CPU (fast <= 10 min, standard <= 30 min; measured times in the README).
 # effort_bpw: the step counts are sized for this bpw; below it the rank-bound stages get more steps in inverse
 # proportion to the ranks' cost, so a lower bpw costs about the same time; above it they keep these counts and take
-# longer (see convert.rank_scaled_settings).
+# longer (see blocks.rank_scaled_settings).
 PRESETS: dict[str, ConvertSettings] = {
     # fast: ADMM iterations and distillation steps pay most. SmolLM2 at 1.0 bpw, 40-chunk PPL (F32 22.50), Zen 5,
     # 2 cores: ADMM 20 / distill 20: 343 in 399 s; ADMM 20 / distill 40: 306; ADMM 40 / distill 40: 210.5 in 494 s;

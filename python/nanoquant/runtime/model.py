@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileinfo import describe
+from nanoquant.fileformat.info import describe
 
 GGUF_MAGIC = b"GGUF"
 
@@ -35,7 +35,7 @@ class ContextOverflowError(ValueError):
 
 
 def _core():
-    from . import _core  # built by `make`; imported late so that a missing build is a clear error, not an import crash
+    from nanoquant import _core  # built by `make`; imported late so that a missing build is a clear error, not an import crash
     return _core
 
 
