@@ -158,12 +158,12 @@ class Profile:
 _QWEN15_ROWS = ("F32", "Q8_0", "Q4_K_M", "Q4_0", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q1_0", "TQ1_0", "NQ 2.0",
                 "NQ 1.0", "NQ 0.55", "NQ 1.0 (fast preset)")
 # the token embedding's and the head's types, on the fast 1.0 conversion (written from its kept work folder); the
-# NQ rows have the defaults, llama-quantize's low-bit choice (embedding Q2_K, head Q5_K)
+# NQ rows have the defaults (embedding Q2_K, head Q4_K); Q5_K is llama-quantize's head in its 1-2-bit mixes
 _TYPE_ROWS = tuple(
     Row(f"ablation 1.0 (fast preset): embedding {embd}, head {head}", "nq", bpw=1.0,
         converter_args=("--preset", "fast", "--token-embedding-type", embd, "--output-tensor-type", head),
         note=f"the NQ 1.0 (fast preset) conversion with the token embedding in {embd} and the output head in {head}")
-    for embd, head in (("Q8_0", "Q8_0"), ("Q2_K", "Q8_0"), ("Q2_K", "Q4_K"), ("Q2_K", "Q2_K")))
+    for embd, head in (("Q8_0", "Q8_0"), ("Q2_K", "Q8_0"), ("Q2_K", "Q5_K"), ("Q2_K", "Q2_K")))
 PROFILES = {
     "SmolLM2-135M-Instruct": Profile(150, tuple(ROWS)),
     "Qwen2.5-Coder-1.5B-Instruct": Profile(40, tuple(

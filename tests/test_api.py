@@ -167,15 +167,16 @@ def test_close_frees_and_later_calls_raise(tiny_nq_models):
 
 def test_decoding_releases_the_gil(smol, eval_text):
     text = eval_text.read_text(encoding="utf-8")
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (smol.perplexity(text, n_ctx=512, n_chunks=3), done.set()))
+    result = []
+    worker = threading.Thread(target=lambda: result.append(smol.perplexity(text, n_ctx=512, n_chunks=3)))
     counted = 0
     start = time.perf_counter()
     worker.start()
-    while not done.is_set():
+    while worker.is_alive():  # ends when the call returns or raises: a failing worker cannot hang the test
         counted += 1
     worker.join()
     elapsed = time.perf_counter() - start
+    assert result, "the perplexity call in the worker thread raised (see the thread's traceback above)"
     assert elapsed > 0.5
     # a thread holding the GIL for the whole call would leave this loop a few switch intervals (5 ms each)
     assert counted > 100_000, (counted, elapsed)

@@ -112,18 +112,18 @@ def test_a_tied_head_is_refused_as_a_nanoquant_layer(tmp_path, smol_tokenizer):
     assert not out.exists()
 
 
-def test_the_defaults_are_llama_quantizes_low_bit_choice():
-    """The embedding Q2_K and the head Q5_K, the head Q8_0 where 256 does not divide its rows (a tied embedding is the
+def test_the_default_types_of_the_embedding_and_the_head():
+    """The embedding Q2_K and the head Q4_K, the head Q8_0 where 256 does not divide its rows (a tied embedding is the
     head, as for SmolLM2's 576-wide rows)."""
     from nanoquant.convert.output import tensor_types
     from nanoquant.convert.settings import ConvertSettings
 
     types = tensor_types(ConvertSettings())
-    assert types.for_tensor("output.weight", False, 1536) == T.Q5_K
+    assert types.for_tensor("output.weight", False, 1536) == T.Q4_K
     assert types.for_tensor("output.weight", False, 576) == T.Q8_0
     assert types.for_tensor("token_embd.weight", False, 1536) == T.Q2_K
     assert types.for_tensor("token_embd.weight", True, 576) == T.Q8_0 == types.for_tensor("token_embd.weight", True, 96)
-    assert types.for_tensor("token_embd.weight", True, 2048) == T.Q5_K
+    assert types.for_tensor("token_embd.weight", True, 2048) == T.Q4_K
     assert types.for_tensor("blk.0.ffn_down.weight", False, 1536) == T.Q8_0
     chosen = tensor_types(ConvertSettings(token_embd_type="q8_0", output_type="IQ2_XXS"))
     assert chosen.for_tensor("output.weight", False, 1536) == T.IQ2_XXS

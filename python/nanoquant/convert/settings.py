@@ -53,10 +53,10 @@ class ConvertSettings:
     other_type: str = "Q8_0"
     # the token embedding's and the output head's types; they are the largest tensors besides the NanoQuant layers (a
     # 151,936-token vocabulary at 1,536 wide is 233M weights each), so the whole file's size depends on them as on
-    # the bpw. The defaults are llama-quantize's for its 1-2-bit mixes: the embedding Q2_K, the head Q5_K (None: Q8_0
-    # where 256 does not divide its rows, as llama-quantize does). Qwen2.5-Coder-1.5B at 1.0 bpw (fast preset):
-    # 407 MB and PPL 108.05 against 666 MB and 103.73 with both in Q8_0. A type whose blocks do not divide the rows
-    # falls back as llama-quantize does
+    # the bpw. The defaults, by measurement: the embedding Q2_K (llama-quantize's choice in its 1-2-bit mixes), the
+    # head Q4_K (None: Q8_0 where 256 does not divide its rows). Qwen2.5-Coder-1.5B at 1.0 bpw (fast preset): 378 MB
+    # and PPL 107.78, against 666 MB and 103.73 with both in Q8_0 and 407 MB and 108.05 with llama-quantize's Q5_K
+    # head. A type whose blocks do not divide the rows falls back as llama-quantize does
     token_embd_type: str = "Q2_K"
     output_type: str | None = None
     threads: int = 0
@@ -218,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
            "ggml type of the token embedding (as llama-quantize's option; Q2_K, as in its 1-2-bit mixes)"),
     Option("--output-tensor-type", "output_type", _ggml_type,
            "ggml type of the output head, quantised with the calibration's importance matrix (as llama-quantize's "
-           "option; default as in its 1-2-bit mixes: Q5_K, or Q8_0 where 256 does not divide its rows)"),
+           "option; default Q4_K, or Q8_0 where 256 does not divide its rows)"),
     Option("--threads", "threads", int, "torch threads (0: torch's default)"),
     Option("--matmul", "matmul", str,
            "dtype of the large products of the statistics pass, ADMM, STE tuning and distillation: auto (bfloat16 on "
