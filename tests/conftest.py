@@ -16,6 +16,7 @@ BIN = REPO / "build" / "bin"
 os.environ.setdefault("NANOQUANT_LLAMA_CPP", str(REPO / "vendor" / "llama.cpp"))
 SMOL_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CALIB_TEXT = REPO / "data" / "wikitext-2" / "valid.txt"
 CONVERTER = REPO / "convert" / "convert-hf-to-nq-gguf.py"
 # tiny model kind -> the general.architecture llama.cpp uses for it
 # qwen2 is absent: transformers 5 wraps SmolLM2's vocabulary in Qwen2Tokenizer for a qwen2 config, whose pre-tokenizer
@@ -24,6 +25,7 @@ TINY_ARCHS = {"llama": "llama", "qwen3": "qwen3", "mistral": "llama", "gemma3": 
 # the whole method at token effort: dense tuning, ADMM, STE tuning (q/k/v biases too on qwen2), scale distillation
 TINY_METHOD_ARGS = ("--calib-windows", "4", "--calib-window-tokens", "256", "--admm-iterations", "20",
                     "--dense-steps", "2", "--factor-steps", "3", "--distill-steps", "2", "--tune-batch", "2")
+TINY_TRAIN_STEPS = 25
 # one family also carries the per-rank scale s_mid, so llama.cpp's and the reference's handling of it are compared;
 # two store q, k and v as one shared-input layer (llama.cpp's fused attn_qkv): mistral with RoPE-permuted q/k rows,
 # gemma3 with q/k norms after the fused product
@@ -67,8 +69,29 @@ def eval_text(tmp_path_factory) -> Path:
     return path
 
 
-def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0, n_layers: int = 2) -> Path:
-    """A random model (2 blocks unless told) whose dims are multiples of 32 but not of 128, with SmolLM2's tokenizer."""
+def train_briefly(model, tokenizer, steps: int, seq: int = 64, batch: int = 4) -> None:
+    """A few AdamW steps on the calibration text, enough that the model's next-token distributions are peaked (the
+    top logits stand several units above the rest), so comparing two forwards of it tells a wrong one apart."""
+    import torch
+
+    ids = tokenizer(CALIB_TEXT.read_text(encoding="utf-8")[:200_000], add_special_tokens=False)["input_ids"]
+    data = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        rows = data[torch.randint(len(data), (batch,), generator=generator)]
+        loss = model(input_ids=rows, labels=rows).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0, n_layers: int = 2,
+                    train_steps: int = 0) -> Path:
+    """A model (2 blocks unless told) whose dims are multiples of 32 but not of 128, with SmolLM2's tokenizer: random,
+    or trained `train_steps` steps on the calibration text."""
     import torch
     from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
                               Qwen2Config, Qwen3Config)
@@ -86,6 +109,8 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0, n_layers
     }
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(configs[kind]())
+    if train_steps:
+        train_briefly(model, tokenizer, train_steps)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -93,11 +118,11 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer, seed: int = 0, n_layers
 
 @pytest.fixture(scope="session")
 def tiny_nq_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
-    """Tiny models of each supported family converted at 1.0 bpw by the converter's command line."""
+    """Tiny models of each supported family, trained briefly, converted at 1.0 bpw by the converter's command line."""
     out = {}
     for kind in TINY_ARCHS:
         work = tmp_path_factory.mktemp(f"tiny-{kind}")
-        hf_dir = make_tiny_model(kind, work / "hf", smol_tokenizer)
+        hf_dir = make_tiny_model(kind, work / "hf", smol_tokenizer, train_steps=TINY_TRAIN_STEPS)
         nq = work / f"{kind}-nq.gguf"
         proc = run_converter(hf_dir, "--outfile", nq, "--bpw", "1.0", *TINY_METHOD_ARGS,
                              *TINY_EXTRA_ARGS.get(kind, ()))

@@ -15,8 +15,8 @@ through a whole model that is what is left to compare, and it is what the tolera
   Measured on SmolLM2 (fast preset, 200 tokens of WikiText-2 test), worst position: repacked 0.155 / plain 0.188 of
   the std against the densified file (top-1 0.975 / 0.995), 0.126 / 0.164 against the reference forward (top-1 0.98),
   where the densified file itself is 0.055 off (Q8_0 activations of the ordinary matmuls, the F16 KV cache); the
-  tiny models 0.012-0.036. (The reference forward of the tiny gemma3 is 0.68 off llama.cpp even for the densified
-  file, an architecture detail of the reference and not of NQ1, so the tiny models are held to the densified file.)
+  tiny models 0.012-0.036. The tiny models are held to the densified file here; tests/test_tiny_models.py holds each
+  family's llama.cpp forward to the reference forward.
 """
 from __future__ import annotations
 
