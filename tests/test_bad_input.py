@@ -190,3 +190,61 @@ def test_writer_refuses_a_non_finite_scale(tiny_nq_models, tmp_path):
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.nq_s_post has 1 non-finite"):
         write_nq_gguf(tiny_nq_models["llama"], out, [layer], TensorTypes.every(gguf.GGMLQuantizationType.F32), {})
     assert not out.exists() and not (tmp_path / "diverged.gguf.partial").exists()
+
+
+def _format_variants(src, folder):
+    """The tiny file without its format version key, with version 2, and with one s_pre entry of 3e38 (finite)."""
+    def set_version(reader):
+        reader.fields[nq1.KEY_FORMAT_VERSION].parts[3][0] = 2
+    unknown = folder / "version-2.gguf"
+    unknown.write_bytes(src.read_bytes())
+    set_version(gguf.GGUFReader(unknown, "r+"))
+
+    def overflow(tensors):
+        t = next(t for t in tensors if t[0] == "blk.0.attn_q.nq_s_pre")
+        t[1] = t[1].copy()
+        t[1][0] = 3e38
+    return {
+        "missing": (rewrite_gguf(src, folder / "no-version.gguf", lambda t: None,
+                                 drop_keys=frozenset({nq1.KEY_FORMAT_VERSION})), nq1.KEY_FORMAT_VERSION),
+        "unknown": (unknown, "version"),
+        "overflow": (rewrite_gguf(src, folder / "overflow.gguf", overflow), "blk.0.attn_q.nq_s_pre"),
+    }
+
+
+def test_the_format_version_and_overflowing_scales_are_refused_everywhere(tiny_nq_models, tmp_path, eval_text):
+    """A file of a format version this build does not read, one without the key, and one whose scale is finite but
+    beyond F16 (every logit NaN if it loaded): refused by llama.cpp's tools, nanoquant.Model and the Python readers,
+    each with its reason."""
+    from nanoquant.fileformat.info import describe
+
+    src = tiny_nq_models["llama"]
+    assert gguf.GGUFReader(src).fields[nq1.KEY_FORMAT_VERSION].contents() == nq1.FORMAT_VERSION
+    cases = _format_variants(src, tmp_path)
+    reasons = {"missing": f"no '{nq1.KEY_FORMAT_VERSION}' key", "unknown": "NanoQuant format version is 2; this "
+               "build reads version 1", "overflow": "'blk.0.attn_q.nq_s_pre' has a scale of 3e+38"}
+    for name, (path, _) in cases.items():
+        for tool in TOOLS:
+            _assert_clean_failure(_load_with_tool(tool, path, eval_text), reasons[name])
+    got = load_in_child({name: path for name, (path, _) in cases.items()})
+    for name, (path, needle) in cases.items():
+        assert got[name][0] != "no exception" and reasons[name] in got[name][1], (name, got[name])
+        for reader in (describe, load_reference_model):
+            with pytest.raises(NQFormatError, match=needle):
+                reader(path)
+
+
+def test_generation_raises_when_the_logits_are_not_finite(tiny_nq_models, tmp_path):
+    """Scales within the accepted range can still overflow together (every s_pre and s_post at 60000): the file
+    loads, and nanoquant.Model raises instead of sampling from NaN logits into an empty string."""
+    from nanoquant import Model
+
+    def huge(tensors):
+        for t in tensors:
+            if t[0].endswith((".nq_s_pre", ".nq_s_post")):
+                t[1] = np.full_like(t[1], 60000.0)
+    path = rewrite_gguf(tiny_nq_models["llama"], tmp_path / "huge-scales.gguf", huge)
+    with Model(path, n_ctx=128) as model:
+        assert not np.isfinite(model.logits(model.tokenize("Hello"))[-1]).all()
+        with pytest.raises(RuntimeError, match="logits .* are not finite"):
+            model.generate("Hello", max_tokens=4, temperature=0)

@@ -317,6 +317,7 @@ class Engine {
         if (cached_.empty()) {
             throw std::logic_error("step: prefill() first");
         }
+        check_logits_finite();
         const llama_token token = llama_sampler_sample(sampler_, ctx_, -1);
         if (!llama_vocab_is_eog(vocab_, token) && cached_.size() < llama_n_ctx(ctx_)) {
             const std::vector<llama_token> one{ token };
@@ -326,6 +327,19 @@ class Engine {
     }
 
     size_t n_cached() const { return cached_.size(); }
+
+    // A NaN or +Inf among the logits to sample from (weights or scales that overflow in the file) is an error: the
+    // samplers would pick a token anyway and the text would come out empty or wrong, with no sign of why.
+    void check_logits_finite() {
+        const float * logits = llama_get_logits_ith(ctx_, -1);
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+        const float * bad = std::find_if(logits, logits + n_vocab, [](float x) { return std::isnan(x) || x == INFINITY; });
+        if (bad != logits + n_vocab) {
+            throw std::runtime_error("the model's logits after " + std::to_string(cached_.size()) + " tokens are not "
+                "finite (token " + std::to_string(bad - logits) + ": " + std::to_string(*bad) + "); the file's "
+                "weights or scales overflow the arithmetic, nothing was sampled");
+        }
+    }
 
     // logits of every position of `tokens`, decoded from an empty cache: (n_tokens, n_vocab) float32
     py::array_t<float> logits(const std::vector<llama_token> & tokens) {

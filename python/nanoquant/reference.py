@@ -17,7 +17,7 @@ from nanoquant.fileformat import nq1
 from nanoquant.convert.admm import lowrank_binary_product
 from nanoquant.convert.architectures import (SHARED_INPUT_UNITS, UnsupportedArchitecture, gguf_base_name,
                                              gguf_row_permutation)
-from nanoquant.fileformat.info import NQFormatError, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
+from nanoquant.fileformat.info import NQFormatError, check_format_version, check_scales, open_gguf  # noqa: F401  (re-exported: callers import them from here too)
 from nanoquant.convert.streaming import GGUFTensors, gguf_config, tensor_as_float
 from nanoquant.convert.units import HEAD, install_unit, member_names, unit_rows, unit_shape
 
@@ -49,6 +49,7 @@ class NQTensors:
 
 def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
     """Base name -> validated NanoQuant tensors of every low-rank binary layer in the file."""
+    check_format_version(reader, path)
     by_name = {t.name: t for t in reader.tensors}
     layers: dict[str, NQTensors] = {}
     for name, t in by_name.items():
@@ -65,6 +66,7 @@ def nq_layers(reader: GGUFReader, path: Path) -> dict[str, NQTensors]:
         u_rank, d_out = (int(x) for x in u_t.shape[:2])
         if u_rank != rank:
             raise NQFormatError(f"{path}: tensor {u_t.name} has rank {u_rank} but {name} has rank {rank}")
+        check_scales(path, base, by_name)
         scales = {}
         for suffix, size in ((nq1.SUFFIX_S_PRE, d_in), (nq1.SUFFIX_S_MID, rank), (nq1.SUFFIX_S_POST, d_out)):
             s = by_name.get(f"{base}.{suffix}")

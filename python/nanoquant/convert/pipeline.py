@@ -158,7 +158,6 @@ def convert(model_path: Path, out_path: Path, settings: ConvertSettings, work_di
             print(f"loading: on {device}, {peaks.end_stage()}")
             tensors, reports, as_run, head_imatrix = quantize_model(source, settings, work, peaks)
             metadata = {
-                nq1.KEY_VERSION: (nq1.FORMAT_VERSION, gguf.GGUFValueType.UINT32),
                 nq1.KEY_TARGET_BPW: (float(settings.bpw), gguf.GGUFValueType.FLOAT32),
                 nq1.KEY_SETTINGS: (settings_record(as_run), gguf.GGUFValueType.STRING),
             }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from nanoquant.fileformat import nq1
 
@@ -58,9 +58,26 @@ class FileInfo:
         return 8 * self.size_bytes / self.dense_parameters
 
 
+def check_format_version(reader: GGUFReader, path: Path) -> None:
+    """A file with NanoQuant tensors names a format version this package reads (nq1.KEY_FORMAT_VERSION)."""
+    example = next((t.name for t in reader.tensors if t.name.rpartition(".")[2] in nq1.SUFFIXES), None)
+    if example is None:
+        return
+    readable = ", ".join(map(str, nq1.READABLE_FORMAT_VERSIONS))
+    field = reader.fields.get(nq1.KEY_FORMAT_VERSION)
+    if field is None:
+        raise NQFormatError(f"{path}: has NanoQuant tensors ({example}) but no {nq1.KEY_FORMAT_VERSION} key; this "
+                            f"package reads NanoQuant format version {readable} (convert the model again)")
+    version = field.contents()
+    if field.types != [GGUFValueType.UINT32] or version not in nq1.READABLE_FORMAT_VERSIONS:
+        raise NQFormatError(f"{path}: NanoQuant format version {version!r} ({field.types[0].name}); this package "
+                            f"reads version {readable} (uint32)")
+
+
 def describe(path: Path) -> FileInfo:
     path = Path(path)
     reader = open_gguf(path)
+    check_format_version(reader, path)
     by_name = {t.name: t for t in reader.tensors}
     layers, dense = [], 0
     for t in reader.tensors:
@@ -71,7 +88,7 @@ def describe(path: Path) -> FileInfo:
                 raise NQFormatError(f"{path}: {t.name} has no matching {base}.{nq1.SUFFIX_U}")
             d_in, rank = int(t.shape[0]), int(t.shape[1])
             d_out = int(u.shape[1])
-            _check_scales(path, base, by_name)
+            check_scales(path, base, by_name)
             bits = sum(8 * int(by_name[f"{base}.{s}"].n_bytes) for s in nq1.SUFFIXES if f"{base}.{s}" in by_name)
             layers.append(NQLayerInfo(base, d_out, d_in, rank, bits))
             dense += d_out * d_in
@@ -83,7 +100,7 @@ def describe(path: Path) -> FileInfo:
                     json.loads(settings.contents()) if settings is not None else None)
 
 
-def _check_scales(path: Path, base: str, by_name: dict) -> None:
+def check_scales(path: Path, base: str, by_name: dict) -> None:
     """A layer's scales are F32 and finite: one NaN or Inf in a scale makes every logit NaN."""
     for suffix in nq1.SCALE_SUFFIXES:
         t = by_name.get(f"{base}.{suffix}")
@@ -91,9 +108,13 @@ def _check_scales(path: Path, base: str, by_name: dict) -> None:
             continue
         if t.tensor_type != GGMLQuantizationType.F32:
             raise NQFormatError(f"{path}: {t.name} is {t.tensor_type.name}, expected F32")
-        bad = int((~np.isfinite(np.asarray(t.data))).sum())
+        values = np.asarray(t.data)
+        bad = int((~np.isfinite(values)).sum())
         if bad:
             raise NQFormatError(f"{path}: {t.name} has {bad} non-finite values (NaN or Inf), expected finite scales")
+        if np.abs(values).max(initial=0.0) > nq1.SCALE_MAX:
+            raise NQFormatError(f"{path}: {t.name} has a scale of {np.abs(values).max():g}, expected at most "
+                                f"{nq1.SCALE_MAX:g} in magnitude (the F16 range of the activations' block scales)")
 
 
 # llama.cpp's names of the decoder linear layers, the ones NanoQuant replaces and bpw_linear counts

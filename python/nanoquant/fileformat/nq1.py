@@ -33,10 +33,17 @@ SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST = "nq_s_pre", "nq_s_mid", "nq_s_post"
 SUFFIXES = (SUFFIX_V, SUFFIX_U, SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
 SCALE_SUFFIXES = (SUFFIX_S_PRE, SUFFIX_S_MID, SUFFIX_S_POST)
 
-KEY_VERSION = "nanoquant.version"
+# the layout of the tensors above is versioned: every file with NanoQuant tensors carries the version it was written
+# in, and readers (llama.cpp's loader: LLAMA_NQ_FORMAT_VERSION in ggml_patches/0002; fileformat.info) refuse a file
+# whose version they do not read, or that has none
+KEY_FORMAT_VERSION = "nanoquant.format_version"
+FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS = (1,)
 KEY_TARGET_BPW = "nanoquant.target_bpw"
 KEY_SETTINGS = "nanoquant.settings"  # JSON: the conversion settings as run (step counts after rank scaling)
-FORMAT_VERSION = 1
+# the largest scale magnitude readers accept: the kernels round the scaled activations into blocks whose scales are
+# F16, whose largest value is 65504 (a scale of 3e38 is finite and makes every logit NaN)
+SCALE_MAX = 65504.0
 
 
 def pack_signs(signs: np.ndarray) -> np.ndarray:

@@ -144,14 +144,14 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str] = froze
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
 
 
-def rewrite_gguf(src: Path, dst: Path, edit, extra_keys=None) -> Path:
-    """dst: src's metadata and tensors after edit(list of [name, data, ggml type]) changed the list in place
-    and extra_keys(writer), if given, added keys."""
+def rewrite_gguf(src: Path, dst: Path, edit, extra_keys=None, drop_keys: frozenset[str] = frozenset()) -> Path:
+    """dst: src's metadata (less drop_keys) and tensors after edit(list of [name, data, ggml type]) changed the list in
+    place and extra_keys(writer), if given, added keys."""
     reader = GGUFReader(src)
     tensors = [[t.name, np.array(t.data), t.tensor_type] for t in reader.tensors]
     edit(tensors)
     writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    copy_metadata(reader, writer)
+    copy_metadata(reader, writer, skip=set(drop_keys))
     if extra_keys is not None:
         extra_keys(writer)
     for name, data, dtype in tensors:
@@ -183,11 +183,14 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     """head_imatrix: the output head's importance per input column (the mean square of its inputs over the
     calibration windows, llama.cpp's imatrix), used where the head is quantised; its I-quants need it."""
     base_path, out_path = Path(base_path), Path(out_path)
-    for layer in layers:  # a NaN or Inf scale makes every logit NaN: refuse it here, not at the user's prompt
+    for layer in layers:  # a NaN, Inf or overflowing scale makes every logit NaN: refuse it here, not at the prompt
         for suffix, scale in layer.scales():
             if not np.isfinite(scale).all():
                 raise ValueError(f"{out_path}: {layer.base}.{suffix} has {int((~np.isfinite(scale)).sum())} non-finite "
                                  "values (NaN or Inf); the conversion diverged, nothing was written")
+            if np.abs(scale).max(initial=0.0) > nq1.SCALE_MAX:
+                raise ValueError(f"{out_path}: {layer.base}.{suffix} has a scale of {np.abs(scale).max():g}, beyond "
+                                 f"the {nq1.SCALE_MAX:g} readers accept; the conversion diverged, nothing was written")
 
     reader = GGUFReader(base_path)
     arch = reader.fields["general.architecture"].contents()
@@ -222,8 +225,9 @@ def write_nq_gguf(base_path: Path, out_path: Path, layers: list[NQLayerTensors],
     tmp_path = out_path.with_name(out_path.name + ".partial")
     writer = GGUFWriter(tmp_path, arch)
     try:
-        copy_metadata(reader, writer, skip={"general.file_type", *extra_metadata})
+        copy_metadata(reader, writer, skip={"general.file_type", nq1.KEY_FORMAT_VERSION, *extra_metadata})
         writer.add_file_type(int(nq1.NQ1_FTYPE))
+        writer.add_uint32(nq1.KEY_FORMAT_VERSION, nq1.FORMAT_VERSION)
         for key, (value, vtype) in extra_metadata.items():
             writer.add_key_value(key, value, vtype)
 

@@ -1,0 +1,95 @@
+"""NanoQuant files as draft models for speculative decoding of their own model's larger file.
+
+For each draft, `llama-speculative` decodes greedily with the target and the draft (same vocabulary): the share of
+drafted tokens the target accepts, and the end-to-end decode speed against the target decoding alone
+(`llama-completion`, the same prompt and token count). Greedy decoding makes the speculative text the target's own,
+which is checked. Prompts go through the target's chat template, as a user's chat would.
+
+    python -m bench.draft --target TARGET.gguf --drafts DRAFT.gguf [...] [--tokens 128] [--draft-max 8]
+    writes bench/results/draft-<target model>.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from bench.common import BIN, RESULTS, meta, run, write_result
+
+PROMPTS = (
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short story about a lighthouse keeper.",
+    "List five uses of a paper clip and explain each one.",
+)
+
+
+def chat_prompt(model: Path, instruction: str) -> str:
+    from nanoquant import Model
+
+    with Model(model, n_ctx=512) as m:
+        return m.apply_chat_template([{"role": "user", "content": instruction}])
+
+
+def _number(pattern: str, text: str, what: str) -> float:
+    match = re.search(pattern, text)
+    if not match:
+        raise RuntimeError(f"no {what} in the output:\n{text[-3000:]}")
+    return float(match.group(1))
+
+
+def target_alone(target: Path, prompt: str, tokens: int, threads: int) -> tuple[float, str]:
+    out = run([BIN / "llama-completion", "-m", target, "-p", prompt, "-n", tokens, "--temp", 0, "--ignore-eos",
+               "-no-cnv", "-t", threads], f"llama-completion {target.name}")
+    return _number(r"\beval time = .*?([0-9.]+) tokens per second", out, "decode speed"), out
+
+
+def speculative(target: Path, draft: Path, prompt: str, tokens: int, draft_max: int, threads: int) -> dict:
+    out = run([BIN / "llama-speculative", "-m", target, "-md", draft, "-p", prompt, "-n", tokens, "--temp", 0,
+               "--ignore-eos", "-t", threads, "--draft-max", draft_max],
+              f"llama-speculative {target.name} drafted by {draft.name}")
+    return {"tps": _number(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s", out, "speed"),
+            "drafted": int(_number(r"n_drafted\s*=\s*(\d+)", out, "n_drafted")),
+            "accepted": int(_number(r"n_accept\s*=\s*(\d+)", out, "n_accept"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--drafts", type=Path, nargs="+", required=True)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    prompts = [chat_prompt(args.target, p) for p in PROMPTS]
+    alone = [target_alone(args.target, p, args.tokens, args.threads)[0] for p in prompts]
+    alone_tps = sum(alone) / len(alone)
+    rows = [{"draft": None, "file_bytes": None, "tps": alone_tps, "acceptance": None, "speedup": 1.0}]
+    print(f"{args.target.name} alone: {alone_tps:.2f} t/s", flush=True)
+    for draft in args.drafts:
+        runs = [speculative(args.target, draft, p, args.tokens, args.draft_max, args.threads) for p in prompts]
+        drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+        tps = sum(r["tps"] for r in runs) / len(runs)
+        rows.append({"draft": draft.name, "file_bytes": draft.stat().st_size, "tps": tps,
+                     "acceptance": accepted / max(drafted, 1), "drafted": drafted, "accepted": accepted,
+                     "speedup": tps / alone_tps})
+        print(f"drafted by {draft.name}: acceptance {accepted / max(drafted, 1):.1%}, {tps:.2f} t/s "
+              f"({tps / alone_tps:.2f}x)", flush=True)
+    name = args.target.name.split(".")[0]
+    lines = [f"Target `{args.target.name}`; greedy, {args.tokens} tokens after each of {len(PROMPTS)} chat prompts, "
+             f"--draft-max {args.draft_max}, {args.threads} threads; speed is the decode rate, averaged over prompts.",
+             "", "| draft | draft MB | acceptance | tokens/s | speedup |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        size = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:,.1f}"
+        acceptance = "-" if r["acceptance"] is None else f"{r['acceptance']:.1%}"
+        lines.append(f"| {r['draft'] or '(target alone)'} | {size} | {acceptance} | {r['tps']:.2f} | "
+                     f"{r['speedup']:.2f}x |")
+    out = args.out or RESULTS / f"draft-{name}.json"
+    write_result(out, {"target": args.target.name, "tokens": args.tokens, "draft_max": args.draft_max,
+                       "threads": args.threads, "rows": rows}, meta(argv), "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
