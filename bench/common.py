@@ -7,6 +7,7 @@ runs (the quality tables) also keep commit, machine, date and command in each ro
 from __future__ import annotations
 
 import json
+import re
 import os
 import platform
 import shlex
@@ -85,19 +86,32 @@ def read_result(path: Path) -> dict:
     return {"meta": {}, "rows": data} if isinstance(data, list) else data
 
 
-def run(cmd: list, what: str, peak: dict | None = None) -> str:
-    """The command's output; it must succeed. peak: gets "mib", the process's own peak RSS."""
+def run_streams(cmd: list, what: str, peak: dict | None = None) -> tuple[str, str]:
+    """The command's stdout and stderr; it must succeed. peak: gets "mib", the process's own peak RSS."""
     print("+", " ".join(map(str, cmd)), flush=True)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource use, peak RSS included
         proc.returncode = os.waitstatus_to_exitcode(status)
-        text = ""
+        texts = []
         for f in (out, err):
             f.seek(0)
-            text += f.read().decode(errors="replace")
+            texts.append(f.read().decode(errors="replace"))
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{text[-3000:]}")
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{''.join(texts)[-3000:]}")
     if peak is not None:
         peak["mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return text
+    return texts[0], texts[1]
+
+
+def run(cmd: list, what: str, peak: dict | None = None) -> str:
+    """The command's output, stdout then stderr; it must succeed. peak: as for run_streams."""
+    return "".join(run_streams(cmd, what, peak))
+
+
+def final_perplexity(output: str, what: str) -> float:
+    """llama-perplexity's final estimate from its output; what names the run in the error."""
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
+    if not match:
+        raise RuntimeError(f"{what}: no final perplexity in llama-perplexity's output:\n{output[-3000:]}")
+    return float(match.group(1))

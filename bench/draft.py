@@ -14,13 +14,14 @@ import argparse
 import re
 from pathlib import Path
 
-from bench.common import BIN, RESULTS, meta, run, write_result
+from bench.common import BIN, RESULTS, meta, run_streams, write_result
 
 PROMPTS = (
     "Explain in a few sentences why the sky is blue.",
     "Write a short story about a lighthouse keeper.",
     "List five uses of a paper clip and explain each one.",
 )
+TAIL_CHARS = 200
 
 
 def chat_prompt(model: Path, instruction: str) -> str:
@@ -38,18 +39,24 @@ def _number(pattern: str, text: str, what: str) -> float:
 
 
 def target_alone(target: Path, prompt: str, tokens: int, threads: int) -> tuple[float, str]:
-    out = run([BIN / "llama-completion", "-m", target, "-p", prompt, "-n", tokens, "--temp", 0, "--ignore-eos",
-               "-no-cnv", "-t", threads], f"llama-completion {target.name}")
-    return _number(r"\beval time = .*?([0-9.]+) tokens per second", out, "decode speed"), out
+    """The target's decode rate and its text (stdout: the prompt, then the answer)."""
+    text, log = run_streams([BIN / "llama-completion", "-m", target, "-p", prompt, "-n", tokens, "--temp", 0,
+                             "--ignore-eos", "-no-cnv", "-t", threads], f"llama-completion {target.name}")
+    return _number(r"\beval time = .*?([0-9.]+) tokens per second", log, "decode speed"), text
 
 
-def speculative(target: Path, draft: Path, prompt: str, tokens: int, draft_max: int, threads: int) -> dict:
-    out = run([BIN / "llama-speculative", "-m", target, "-md", draft, "-p", prompt, "-n", tokens, "--temp", 0,
-               "--ignore-eos", "-t", threads, "--draft-max", draft_max],
-              f"llama-speculative {target.name} drafted by {draft.name}")
+def speculative(target: Path, draft: Path, prompt: str, tokens: int, draft_max: int, threads: int,
+                alone_text: str) -> dict:
+    """Speed, drafted and accepted tokens, and whether the greedy answer is the target's own (its last
+    TAIL_CHARS characters found in the speculative text, which may run a few tokens past -n)."""
+    text, log = run_streams([BIN / "llama-speculative", "-m", target, "-md", draft, "-p", prompt, "-n", tokens,
+                             "--temp", 0, "--ignore-eos", "-t", threads, "--spec-draft-n-max", draft_max],
+                            f"llama-speculative {target.name} drafted by {draft.name}")
+    out = text + log
     return {"tps": _number(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s", out, "speed"),
             "drafted": int(_number(r"n_drafted\s*=\s*(\d+)", out, "n_drafted")),
-            "accepted": int(_number(r"n_accept\s*=\s*(\d+)", out, "n_accept"))}
+            "accepted": int(_number(r"n_accept\s*=\s*(\d+)", out, "n_accept")),
+            "same_text": alone_text.strip()[-TAIL_CHARS:] in text}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,34 +64,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--drafts", type=Path, nargs="+", required=True)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--draft-max", type=int, default=8, help="tokens drafted at most per step (--spec-draft-n-max)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
     prompts = [chat_prompt(args.target, p) for p in PROMPTS]
-    alone = [target_alone(args.target, p, args.tokens, args.threads)[0] for p in prompts]
-    alone_tps = sum(alone) / len(alone)
+    alone = [target_alone(args.target, p, args.tokens, args.threads) for p in prompts]
+    alone_tps = sum(tps for tps, _ in alone) / len(alone)
     rows = [{"draft": None, "file_bytes": None, "tps": alone_tps, "acceptance": None, "speedup": 1.0}]
     print(f"{args.target.name} alone: {alone_tps:.2f} t/s", flush=True)
     for draft in args.drafts:
-        runs = [speculative(args.target, draft, p, args.tokens, args.draft_max, args.threads) for p in prompts]
+        runs = [speculative(args.target, draft, p, args.tokens, args.draft_max, args.threads, text)
+                for p, (_, text) in zip(prompts, alone)]
         drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
         tps = sum(r["tps"] for r in runs) / len(runs)
         rows.append({"draft": draft.name, "file_bytes": draft.stat().st_size, "tps": tps,
                      "acceptance": accepted / max(drafted, 1), "drafted": drafted, "accepted": accepted,
-                     "speedup": tps / alone_tps})
+                     "speedup": tps / alone_tps, "same_text": sum(r["same_text"] for r in runs)})
         print(f"drafted by {draft.name}: acceptance {accepted / max(drafted, 1):.1%}, {tps:.2f} t/s "
-              f"({tps / alone_tps:.2f}x)", flush=True)
+              f"({tps / alone_tps:.2f}x), the target's text in {rows[-1]['same_text']}/{len(prompts)}", flush=True)
     name = args.target.name.split(".")[0]
     lines = [f"Target `{args.target.name}`; greedy, {args.tokens} tokens after each of {len(PROMPTS)} chat prompts, "
-             f"--draft-max {args.draft_max}, {args.threads} threads; speed is the decode rate, averaged over prompts.",
-             "", "| draft | draft MB | acceptance | tokens/s | speedup |", "|---|---:|---:|---:|---:|"]
+             f"--spec-draft-n-max {args.draft_max}, {args.threads} threads; speed is the decode rate, averaged over "
+             "prompts.",
+             "same text: answers whose greedy text is the target's own (speculative decoding must not change it).", "",
+             "| draft | draft MB | acceptance | tokens/s | speedup | same text |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:,.1f}"
         acceptance = "-" if r["acceptance"] is None else f"{r['acceptance']:.1%}"
+        same = "-" if r["draft"] is None else f"{r['same_text']}/{len(PROMPTS)}"
         lines.append(f"| {r['draft'] or '(target alone)'} | {size} | {acceptance} | {r['tps']:.2f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x | {same} |")
     out = args.out or RESULTS / f"draft-{name}.json"
     write_result(out, {"target": args.target.name, "tokens": args.tokens, "draft_max": args.draft_max,
                        "threads": args.threads, "rows": rows}, meta(argv), "\n".join(lines) + "\n")

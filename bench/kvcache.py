@@ -9,10 +9,9 @@ settings are the ones users pick to fit longer contexts: -ctk/-ctv f16, q8_0, q4
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from bench.common import BIN, RESULTS, TEST_TEXT, meta, run, write_result
+from bench.common import BIN, RESULTS, TEST_TEXT, final_perplexity, meta, run, write_result
 
 # (K cache type, V cache type, flash attention); the first is the reference
 SETTINGS = (("f16", "f16", False), ("f16", "f16", True), ("q8_0", "f16", False), ("q8_0", "q8_0", True),
@@ -24,12 +23,10 @@ def label(k: str, v: str, fa: bool) -> str:
 
 
 def perplexity(model: Path, k: str, v: str, fa: bool, chunks: int, text: Path = TEST_TEXT, threads: int = 2) -> float:
+    what = f"llama-perplexity {model.name} {label(k, v, fa)}"
     out = run([BIN / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "--chunks", chunks, "-t", threads,
-               "-ctk", k, "-ctv", v, "-fa", "on" if fa else "off"], f"llama-perplexity {model.name} {label(k, v, fa)}")
-    match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    if not match:
-        raise RuntimeError(f"no perplexity in llama-perplexity's output:\n{out[-3000:]}")
-    return float(match.group(1))
+               "-ctk", k, "-ctv", v, "-fa", "on" if fa else "off"], what)
+    return final_perplexity(out, what)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,8 @@ from nanoquant.convert.pipeline import build_parser
 from nanoquant.fileformat.info import decoder_linear_bits, decoder_linear_shapes, describe
 from nanoquant.convert.settings import settings_from_args
 
-from bench.common import (BIN, CALIB_TEXT, DEFAULT_MODEL, REPO, RESULTS, TEST_TEXT, finish, git_commit, machine, meta,
-                          partial, read_result, run, write_result)
+from bench.common import (BIN, CALIB_TEXT, DEFAULT_MODEL, REPO, RESULTS, TEST_TEXT, final_perplexity, finish,
+                          git_commit, machine, meta, partial, read_result, run, write_result)
 
 DEFAULT_CHUNKS = 150
 REF_CHUNKS = 8     # chunks scored twice, by llama-perplexity and by the Python reference forward
@@ -487,9 +487,8 @@ class Bench:
         """Relative PPL difference between llama-perplexity and the Python reference forward on REF_CHUNKS chunks."""
         from nanoquant.reference import gguf_add_bos, load_reference_model, open_gguf, perplexity
 
-        text = run(self.perplexity_cmd(model, REF_CHUNKS) + REF_KV_F32,
-                   f"llama-perplexity {model.name} ({REF_CHUNKS} chunks)")
-        ppl_cpp = float(re.search(r"Final estimate: PPL = ([0-9.]+)", text).group(1))
+        what = f"llama-perplexity {model.name} ({REF_CHUNKS} chunks)"
+        ppl_cpp = final_perplexity(run(self.perplexity_cmd(model, REF_CHUNKS) + REF_KV_F32, what), what)
         net, tokenizer, _ = load_reference_model(model)
         add_bos = gguf_add_bos(open_gguf(model))
         # llama.cpp's own token ids: transformers' tokenizer rebuilt from the GGUF splits WikiText differently
