@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     for label, src in (("NQ file", args.nq), ("ordinary file", args.plain)):
         print(f"{label}: {src}", flush=True)
         rows = run_file(src)
-        made = {name: (next(d for d in corpus.DEFECTS if d.name == name), None) for name in rows}
+        defects = {name: (next(d for d in corpus.DEFECTS if d.name == name), None) for name in rows}
         results = {name: {tool: corpus.Outcome(*row[tool]) for tool in corpus.TOOLS} for name, row in rows.items()}
-        report["files"][label] = {"file": src.name, "variants": rows, "failures": corpus.failures(made, results)}
+        report["files"][label] = {"file": src.name, "variants": rows, "failures": corpus.failures(defects, results)}
     write_result(RESULTS / "malformed.json", report, made, markdown(report))
     print(markdown(report))
     return 1 if any(entry["failures"] for entry in report["files"].values()) else 0
