@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench.common import final_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / "build" / "bin"
@@ -50,9 +51,7 @@ def llama_perplexity(model: Path, text_file: Path, n_ctx: int, chunks: int, *ext
     proc = run_tool("llama-perplexity", "-m", model, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
                     "-t", "2", "-b", n_ctx, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    match = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
-    assert match, (proc.stdout + proc.stderr)[-3000:]
-    return float(match.group(1))
+    return final_perplexity(proc.stdout + proc.stderr, f"llama-perplexity {model}")
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,8 @@ def test_the_file_keeps_the_quality_of_the_tables_fast_row(smol_nq, tmp_path):
     """The fixture is the quality table's "NQ 1.0 (fast preset)" row made again by today's code: its perplexity over
     its F32 teacher's and its chat top-1 on the teacher's answers must stay near the row's (the table's own protocol,
     fewer chunks), so a regression of the method fails CI instead of passing through."""
-    import re
-
     from bench import quality
-    from bench.common import RESULTS, TEST_TEXT, read_result
+    from bench.common import RESULTS, TEST_TEXT, final_perplexity, read_result
     from conftest import SMOL_GGUF
 
     rows = {r["method"]: r for r in read_result(RESULTS / "quality-SmolLM2-135M-Instruct.json")["rows"]}
@@ -38,7 +36,7 @@ def test_the_file_keeps_the_quality_of_the_tables_fast_row(smol_nq, tmp_path):
         proc = run_tool("llama-perplexity", "-m", model, "-f", TEST_TEXT, "-c", "512", "--chunks", str(PPL_CHUNKS),
                         "-t", "2", timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return float(re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+        return final_perplexity(proc.stdout + proc.stderr, f"llama-perplexity {model}")
 
     ratio, table_ratio = ppl(smol_nq) / ppl(f32), row["ppl"] / f32_row["ppl"]
     answers = quality.teacher_answers(f32, quality.CHAT_INSTRUCTIONS, tmp_path, row["chat_protocol"]["max_tokens"])
